@@ -1,0 +1,65 @@
+"""The ``florence`` command: a thin Click layer over the Python API.
+
+Subcommands are imported only when called, so ``florence --help`` never loads torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from .tasks import TASKS
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands live in modules imported on first use."""
+
+    def __init__(self, *args, lazy: dict[str, str], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
+
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx, name):
+        if name in self.lazy:
+            module, attribute = self.lazy[name].split(":")
+            return getattr(importlib.import_module(module, __package__), attribute)
+        return super().get_command(ctx, name)
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy={
+        "annotate": ".cli_annotate:annotate",
+        "viz": ".cli_tools:viz",
+        "eval": ".cli_tools:eval_command",
+        "export": ".cli_tools:export",
+    },
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.version_option(package_name="florence-cli")
+def main() -> None:
+    """Batch annotation of image folders with Microsoft's Florence-2."""
+
+
+@main.command()
+def tasks() -> None:
+    """List the Florence-2 tasks, what each writes, and whether it needs --text."""
+    width = max(len(name) for name in TASKS)
+    for task in TASKS.values():
+        output = f"{task.slug}.json (COCO)" if task.writes_coco else f"{task.slug}/<image>.txt"
+        needs = f"needs --text ({task.text_input.value})" if task.needs_text else ""
+        click.echo(f"{task.name:<{width}}  {task.summary:<40}  {output:<45} {needs}".rstrip())
+
+
+@main.command("make-tiny-model")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
+def make_tiny_model(folder: str, seed: int) -> None:
+    """Write a tiny random-weight Florence-2 checkpoint (a few MB) for offline smoke tests."""
+    from .tiny import make_tiny_model as build
+
+    click.echo(str(build(folder, seed=seed)))
+

@@ -1,0 +1,101 @@
+"""``florence annotate``: flags → ``Annotator.run``; domain errors → one-line messages."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .tasks import TaskError
+
+
+def _batch_size(value: str) -> int:
+    try:
+        size = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a whole number") from None
+    if size < 1:
+        raise click.BadParameter("must be at least 1")
+    return size
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option(
+    "-t", "--task", "tasks", multiple=True, required=True, help="Task to run (repeatable): OD, od or <OD>."
+)
+@click.option(
+    "--text", help="Text input for tasks that need one (phrase, expression, or region x1,y1,x2,y2 in bins)."
+)
+@click.option("-o", "--output", default="florence-out", show_default=True, type=click.Path(file_okay=False))
+@click.option(
+    "-m",
+    "--model",
+    default=None,
+    help="Hub id or local folder.  [default: mrhendrey/Florence-2-large-ft-safetensors]",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto", show_default=True
+)
+@click.option("-b", "--batch-size", default="8", show_default=True, help="Images per batch.")
+@click.option("--num-beams", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Decode processes (default: CPUs - 1; 0: none).",
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Start over instead of resuming earlier work in the output folder."
+)
+@click.option(
+    "--jsonl", default=None, help="Also write one JSON object per image and task to PATH (- for stdout)."
+)
+@click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (they can run code).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+def annotate(inputs, tasks, text, output, model, device, dtype, batch_size, num_beams, max_new_tokens, workers,
+             overwrite, jsonl, allow_pickle, quiet) -> None:  # fmt: skip
+    """Annotate images (files, folders, or - for paths on stdin) with Florence-2 tasks."""
+    import os
+
+    from .annotate import Annotator, GenerationSettings, SettingsMismatch, parse_requests
+    from .model import DEFAULT_MODEL, ModelLoadError
+
+    try:
+        parse_requests(tasks, text)  # a usage error comes before any model is loaded
+    except TaskError as exc:
+        raise click.UsageError(str(exc)) from None
+    size = _batch_size(batch_size)
+    if workers is None:
+        workers = max(0, min(8, (os.cpu_count() or 1) - 1))
+    generation = GenerationSettings(num_beams=num_beams, max_new_tokens=max_new_tokens)
+    try:
+        annotator = Annotator(model or DEFAULT_MODEL, device, dtype, size, generation, allow_pickle)
+    except ModelLoadError as exc:
+        raise click.ClickException(str(exc)) from None
+
+    def report(failure) -> None:
+        where = f"{failure.name} [{failure.task}]" if failure.task else failure.name
+        _echo_err(f"error: {where}: {failure.reason}")
+
+    try:
+        summary = annotator.run(
+            inputs, output, tasks, text=text, workers=workers, overwrite=overwrite, jsonl=jsonl,
+            stdin_lines=sys.stdin if "-" in inputs else (), on_error=report, progress=not quiet,
+        )  # fmt: skip
+    except SettingsMismatch as exc:
+        raise click.UsageError(str(exc)) from None
+    if not quiet:
+        click.echo(summary.line(), err=True)
+    sys.exit(summary.exit_code)
+
+
+def _echo_err(message: str) -> None:
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+    except ImportError:  # pragma: no cover
+        click.echo(message, err=True)

@@ -1,0 +1,268 @@
+"""Stage 4: the model — loading a checkpoint and running Florence-2 on batches.
+
+The generation path is the reference path split into its parts, so that each part can be batched and
+reused: image features once per image (every task on that image shares them), the language encoder
+once per prompt batch, then ``generate`` from the encoder's outputs. Every part is the same call the
+reference makes, so answers stay token-identical.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .decode import ResizeSpec
+
+DEFAULT_MODEL = "mrhendrey/Florence-2-large-ft-safetensors"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class ModelLoadError(Exception):
+    """A model that cannot be found or loaded; the message is one line for the user."""
+
+
+@dataclass
+class Generated:
+    """One generated answer: its tokens (decoder start to end of sequence) and their text."""
+
+    token_ids: list[int]
+    text: str  # batch_decode(..., skip_special_tokens=False) of token_ids
+    token_logprobs: list[float] = field(default_factory=list)  # per generated token, after the start token
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when available; an unavailable CUDA device is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from exc
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r} asked for, but CUDA is not available here")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s)")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is fp16 on CUDA and fp32 on CPU."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r} (use auto, fp16, bf16 or fp32)")
+    return DTYPES[dtype]
+
+
+def model_folder(model: str, allow_pickle: bool = False) -> Path:
+    """A local folder holding ``model``: the folder itself, or the Hub snapshot (cache and
+    ``HF_HUB_OFFLINE`` respected)."""
+    if os.path.isdir(model):
+        return Path(model)
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.txt", "*.safetensors", "*.model"] + (["*.bin"] if allow_pickle else [])
+    try:
+        return Path(snapshot_download(model, allow_patterns=patterns))
+    except Exception as exc:  # hub errors are many; the user needs one line
+        offline = " (HF_HUB_OFFLINE is set and it is not in the cache)" if _offline() else ""
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot find model {model!r}{offline}: {reason}") from None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+
+
+class FlorenceModel:
+    """A loaded Florence-2 model with its processor, on one device, in one dtype."""
+
+    def __init__(self, model, processor, device: torch.device, dtype: torch.dtype, logits_processors=()):
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.device = device
+        self.dtype = dtype
+        self.logits_processors = list(logits_processors)
+        self.generation_config = model.generation_config
+        self.resize_spec, self._pixel_lut = _fast_pixels(processor.image_processor)
+        if self._pixel_lut is not None:
+            self._pixel_lut = self._pixel_lut.to(device)
+        self._prompt_ids: dict[str, list[int]] = {}
+
+    @classmethod
+    def load(
+        cls, model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", allow_pickle: bool = False
+    ) -> FlorenceModel:
+        """Load a native or original-format checkpoint from a folder or the Hub."""
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        folder = model_folder(model, allow_pickle=allow_pickle)
+        loaded, processor, extra = _load_folder(folder, torch_dtype, allow_pickle)
+        return cls(loaded.to(torch_device), processor, torch_device, torch_dtype, extra)
+
+    # -- images -------------------------------------------------------------------------------
+    def pixel_values(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Model-ready pixels for decoded uint8 images, normalised on the device.
+
+        The lookup table holds exactly the float32 values the processor computes for each of the
+        256 levels of each channel, so this equals the processor's output bit for bit.
+        """
+        if self._pixel_lut is None:
+            processed = self.processor.image_processor(images=images, return_tensors="pt")
+            return processed["pixel_values"].to(self.device, self.dtype)
+        batch = torch.from_numpy(np.stack(images))
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        batch = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).long()  # B, 3, H, W
+        channels = torch.arange(3, device=self.device).view(1, 3, 1, 1)
+        return self._pixel_lut[channels, batch].to(self.dtype)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image features (B, image tokens, d_model) — the same call the model makes."""
+        with torch.inference_mode():
+            return self.model.model.get_image_features(pixel_values).pooler_output
+
+    # -- prompts ------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of the encoder input for ``prompt`` (e.g. ``<OD>``), image placeholders first —
+        as the processor builds them."""
+        if prompt not in self._prompt_ids:
+            processor = self.processor
+            text = processor.image_token * processor.num_image_tokens
+            text += self.tokenizer.bos_token + expand_prompt(processor, prompt) + self.tokenizer.eos_token
+            self._prompt_ids[prompt] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._prompt_ids[prompt]
+
+    # -- generation ---------------------------------------------------------------------------
+    def generate(
+        self,
+        features: torch.Tensor,
+        prompts: list[str],
+        generation: dict[str, Any],
+        with_scores: bool = False,
+    ) -> list[Generated]:
+        """Generate one answer per (image features, prompt) row."""
+        model = self.model
+        ids = [self.prompt_ids(p) for p in prompts]
+        length = max(len(i) for i in ids)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([i + [pad] * (length - len(i)) for i in ids], device=self.device)
+        attention_mask = torch.tensor(
+            [[1] * len(i) + [0] * (length - len(i)) for i in ids], device=self.device
+        )
+        with torch.inference_mode():
+            embeds = model.get_input_embeddings()(input_ids)
+            image_mask = model.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
+            embeds = embeds.masked_scatter(image_mask, features.to(embeds.device, embeds.dtype))
+            encoder_outputs = model.model.language_model.encoder(
+                attention_mask=attention_mask, inputs_embeds=embeds
+            )
+            output = model.generate(
+                encoder_outputs=encoder_outputs,
+                attention_mask=attention_mask,
+                logits_processor=_logits_processors(self.logits_processors),
+                return_dict_in_generate=True,
+                output_scores=with_scores,
+                **generation,
+            )
+        sequences = output.sequences.tolist()
+        logprobs = _token_logprobs(model, output) if with_scores else None
+        eos = self.tokenizer.eos_token_id
+        results = []
+        for row, sequence in enumerate(sequences):
+            sequence = _until_eos(sequence, eos)
+            text = self.tokenizer.decode(sequence, skip_special_tokens=False)
+            scores = logprobs[row][: len(sequence) - 1] if logprobs is not None else []
+            results.append(Generated(sequence, text, scores))
+        return results
+
+
+def _until_eos(sequence: list[int], eos: int) -> list[int]:
+    """The sequence up to its end-of-sequence token; batch padding after it is dropped.
+    Position 0 is the decoder start token (itself ``</s>`` in Florence-2)."""
+    try:
+        return sequence[: sequence.index(eos, 1) + 1]
+    except ValueError:
+        return sequence
+
+
+def _token_logprobs(model, output) -> list[list[float]]:
+    transition = model.compute_transition_scores(
+        output.sequences, output.scores, getattr(output, "beam_indices", None), normalize_logits=False
+    )
+    return transition.float().cpu().tolist()
+
+
+def _logits_processors(extra):
+    from transformers import LogitsProcessorList
+
+    return LogitsProcessorList(extra)
+
+
+def expand_prompt(processor, prompt: str) -> str:
+    """Replace a task token by its natural-language prompt, with the processor's own tables."""
+    for token, text in processor.task_prompts_without_inputs.items():
+        if token in prompt:
+            if prompt != token:
+                raise ValueError(f"task token {token} must be the whole prompt")
+            return text
+    for token, template in processor.task_prompts_with_input.items():
+        if token in prompt:
+            return template.format(input=prompt.replace(token, "").strip())
+    return prompt
+
+
+def _fast_pixels(image_processor) -> tuple[ResizeSpec, torch.Tensor | None]:
+    """Resize in the decode workers and normalise by lookup, when the processor is the standard
+    resize → rescale → normalise; otherwise hand full images to the processor itself."""
+    config = image_processor.to_dict()
+    size = config.get("size") or {}
+    standard = (
+        config.get("do_resize")
+        and size.get("height")
+        and size.get("width")
+        and not config.get("do_center_crop")
+        and not config.get("do_pad")
+        and config.get("do_convert_rgb", True) is not False
+        and config.get("do_rescale")
+        and config.get("do_normalize")
+    )
+    if not standard:
+        return ResizeSpec(size=None), None
+    levels = np.arange(256, dtype=np.float64)[None, :] * config["rescale_factor"]
+    levels = np.repeat(
+        levels.astype(np.float32), 3, axis=0
+    )  # as transformers' rescale: float64, then float32
+    mean = np.asarray(config["image_mean"], dtype=np.float32)[:, None]
+    std = np.asarray(config["image_std"], dtype=np.float32)[:, None]
+    lut = torch.from_numpy((levels - mean) / std)
+    resample = int(config.get("resample", 3))
+    return ResizeSpec(size=(size["width"], size["height"]), resample=resample), lut
+
+
+def _load_folder(folder: Path, dtype: torch.dtype, allow_pickle: bool):
+    from . import original
+
+    if original.is_original_layout(folder):
+        try:
+            return original.load_original(folder, dtype=dtype, allow_pickle=allow_pickle)
+        except original.OriginalCheckpointError as exc:
+            raise ModelLoadError(str(exc)) from None
+    from transformers import AutoProcessor, Florence2ForConditionalGeneration
+
+    try:
+        processor = AutoProcessor.from_pretrained(folder)
+        model = Florence2ForConditionalGeneration.from_pretrained(
+            folder, dtype=dtype, use_safetensors=None if allow_pickle else True
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load a Florence-2 checkpoint from {folder}: {reason}") from None
+    return model, processor, []

@@ -1,0 +1,121 @@
+"""The table of Florence-2 tasks: one row per task, everything else reads it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Output(str, Enum):
+    """What a task's answer is, and so which writer takes it."""
+
+    TEXT = "text"  # a string -> OUT/<task>/<image>.txt
+    BOXES = "boxes"  # labelled boxes -> COCO bbox
+    POLYGONS = "polygons"  # labelled polygons -> COCO segm
+    OCR_REGIONS = "ocr_regions"  # text with quadrilaterals -> COCO segm, label = text
+    BOXES_OR_POLYGONS = "boxes_or_polygons"  # open-vocabulary detection answers either
+
+
+class TextInput(str, Enum):
+    """What the ``--text`` of a task means."""
+
+    NONE = "none"
+    PHRASE = "phrase"
+    REGION = "region"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One Florence-2 task: its prompt token, its answer and the text it needs."""
+
+    name: str  # e.g. "OD"
+    output: Output
+    text_input: TextInput
+    parse_type: str  # transformers' post-processing type for this task
+    summary: str
+
+    @property
+    def token(self) -> str:
+        """The task token the model is prompted with, e.g. ``<OD>``."""
+        return f"<{self.name}>"
+
+    @property
+    def slug(self) -> str:
+        """The lowercase name used for output files, e.g. ``od``."""
+        return self.name.lower()
+
+    @property
+    def needs_text(self) -> bool:
+        return self.text_input is not TextInput.NONE
+
+    @property
+    def writes_coco(self) -> bool:
+        return self.output is not Output.TEXT
+
+
+_T, _B, _P, _O, _BP = Output.TEXT, Output.BOXES, Output.POLYGONS, Output.OCR_REGIONS, Output.BOXES_OR_POLYGONS
+_NO, _PH, _RE = TextInput.NONE, TextInput.PHRASE, TextInput.REGION
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task("CAPTION", _T, _NO, "pure_text", "one-sentence caption"),
+        Task("DETAILED_CAPTION", _T, _NO, "pure_text", "a few sentences"),
+        Task("MORE_DETAILED_CAPTION", _T, _NO, "pure_text", "a paragraph"),
+        Task("OD", _B, _NO, "description_with_bboxes", "object detection: labelled boxes"),
+        Task("DENSE_REGION_CAPTION", _B, _NO, "description_with_bboxes", "boxes with short captions"),
+        Task("REGION_PROPOSAL", _B, _NO, "bboxes", "unlabelled box proposals"),
+        Task(
+            "CAPTION_TO_PHRASE_GROUNDING", _B, _PH, "phrase_grounding", "boxes for the phrases of a caption"
+        ),
+        Task("REFERRING_EXPRESSION_SEGMENTATION", _P, _PH, "polygons", "polygon mask of an expression"),
+        Task("REGION_TO_SEGMENTATION", _P, _RE, "polygons", "polygon mask of a region"),
+        Task(
+            "OPEN_VOCABULARY_DETECTION",
+            _BP,
+            _PH,
+            "description_with_bboxes_or_polygons",
+            "boxes or polygons for a class name",
+        ),  # fmt: skip
+        Task("REGION_TO_CATEGORY", _T, _RE, "pure_text", "category of a region"),
+        Task("REGION_TO_DESCRIPTION", _T, _RE, "pure_text", "description of a region"),
+        Task("REGION_TO_OCR", _T, _RE, "pure_text", "text inside a region"),
+        Task("OCR", _T, _NO, "pure_text", "all text in the image"),
+        Task("OCR_WITH_REGION", _O, _NO, "ocr", "text lines with quadrilaterals"),
+    ]
+}
+
+
+class TaskError(ValueError):
+    """A task name or task text that cannot be used."""
+
+
+def resolve_task(name: str) -> Task:
+    """Find a task by name, accepting ``OD``, ``od`` and ``<OD>``."""
+    key = name.strip().strip("<>").upper()
+    if key not in TASKS:
+        raise TaskError(f"unknown task {name!r}; see `florence tasks` for the {len(TASKS)} tasks")
+    return TASKS[key]
+
+
+def region_text(text: str) -> str:
+    """Turn ``x1,y1,x2,y2`` location bins (0-999) into the ``<loc_..>`` text region tasks expect."""
+    parts = [p.strip() for p in text.replace(" ", ",").split(",") if p.strip()]
+    try:
+        bins = [int(p) for p in parts]
+    except ValueError:
+        bins = []
+    if len(bins) != 4 or not all(0 <= b <= 999 for b in bins):
+        raise TaskError(f"a region is four location bins 0-999 as x1,y1,x2,y2; got {text!r}")
+    return "".join(f"<loc_{b}>" for b in bins)
+
+
+def task_prompt(task: Task, text: str | None) -> str:
+    """The prompt string for ``task``, as the model card writes it (``<TASK>`` + text input)."""
+    if not task.needs_text:
+        return task.token
+    if not text or not text.strip():
+        raise TaskError(f"task {task.name} needs a text input (--text)")
+    if task.text_input is TextInput.REGION and "<loc_" not in text:
+        text = region_text(text)
+    return task.token + text

@@ -1,0 +1,173 @@
+"""Tiny random-weight Florence-2 checkpoints for offline tests and smoke runs.
+
+The layout is the real one (native transformers format, Microsoft's special tokens in
+Microsoft's order, ``<image>`` last); only the sizes are small and the weights random.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .postconfig import post_processor_config
+
+# The 1,024 tokens Microsoft's processor adds, in its order: location tokens must sit at the
+# same offsets relative to each other, and ``<image>`` must come after all of them.
+TASK_TOKENS_BEFORE_LOCATIONS = ["<od>", "</od>", "<ocr>", "</ocr>"]
+TASK_TOKENS_AFTER_LOCATIONS = [
+    "<cap>", "</cap>", "<ncap>", "</ncap>", "<dcap>", "</dcap>", "<grounding>", "</grounding>",
+    "<seg>", "</seg>", "<sep>", "<region_cap>", "</region_cap>", "<region_to_desciption>",
+    "</region_to_desciption>", "<proposal>", "</proposal>", "<poly>", "</poly>", "<and>",
+]  # fmt: skip
+IMAGE_TOKEN = "<image>"
+
+# Words the tiny tokenizer learns: the task prompts plus a few labels, some of them non-ASCII
+# so that tests can see the model emit them.
+_CORPUS = [
+    "What is the text in the image?", "What is the text in the image, with regions?",
+    "What does the image describe?", "Describe in detail what is shown in the image.",
+    "Describe with a paragraph what is shown in the image.",
+    "Locate the objects with category name in the image.",
+    "Locate the objects in the image, with their descriptions.",
+    "Locate the region proposals in the image.", "Locate the phrases in the caption:",
+    "in the image with mask", "What is the polygon mask of region", "What is the region",
+    "What does the region describe?", "What text is in the region?",
+    "a car a person a dog a cat a traffic light a tree a red house on the street",
+    "café naïve straße 東京 😀 señor", "0123456789,.:;!?-",
+]  # fmt: skip
+
+
+def microsoft_added_tokens() -> list[str]:
+    """The tokens Microsoft's Florence-2 processor adds to BART's vocabulary, in order."""
+    locations = [f"<loc_{i}>" for i in range(1000)]
+    return TASK_TOKENS_BEFORE_LOCATIONS + locations + TASK_TOKENS_AFTER_LOCATIONS
+
+
+def build_tokenizer(vocab_size: int = 400):
+    """A small byte-level BPE tokenizer with BART's specials and Florence-2's added tokens."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import BartTokenizer
+
+    trainer = ByteLevelBPETokenizer()
+    trainer.train_from_iterator(
+        _CORPUS * 4,
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        show_progress=False,
+    )
+    model = trainer._tokenizer.model
+    vocab = dict(sorted(trainer.get_vocab().items(), key=lambda item: item[1]))
+    vocab["<mask>"] = len(vocab)  # BART keeps <mask> as the last base-vocabulary entry
+    merges = [tuple(merge.split(" ")) for merge in _merges_of(model)]
+    tokenizer = BartTokenizer(vocab=vocab, merges=merges)
+    tokenizer.add_special_tokens({"additional_special_tokens": microsoft_added_tokens()})
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False
+    )
+    return tokenizer
+
+
+def _with_image_token(tokenizer, folder: Path):
+    """Reload ``tokenizer`` so that it names ``<image>`` as its image token (as processors expect)."""
+    from transformers import BartTokenizer
+
+    tokenizer.save_pretrained(folder)
+    return BartTokenizer.from_pretrained(folder, extra_special_tokens={"image_token": IMAGE_TOKEN})
+
+
+def build_processor(tokenizer_folder: Path, image_size: int = 128):
+    """A Florence-2 processor for a tiny model whose images are ``image_size`` pixels square."""
+    from transformers import CLIPImageProcessor, Florence2Processor
+
+    image_processor = CLIPImageProcessor(
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        resample=3,  # bicubic, as Florence-2
+        do_center_crop=False,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+        do_convert_rgb=True,
+    )
+    # DaViT downsamples by 32; one extra token carries the temporal (whole-image) feature.
+    image_processor.image_seq_length = (image_size // 32) ** 2 + 1
+    tokenizer = _with_image_token(build_tokenizer(), tokenizer_folder)
+    return Florence2Processor(
+        image_processor=image_processor, tokenizer=tokenizer, post_processor_config=post_processor_config()
+    )
+
+
+def build_config(vocab_size: int, image_token_id: int, d_model: int = 32, max_positions: int = 1100):
+    """A few-layer Florence-2 config with the real architecture."""
+    from transformers import BartConfig, Florence2Config, Florence2VisionConfig
+
+    vision = Florence2VisionConfig(
+        depths=[1, 1, 1, 1],
+        embed_dim=[8, 16, 32, 64],
+        num_heads=[1, 2, 2, 4],
+        num_groups=[1, 2, 2, 4],
+        window_size=2,
+        projection_dim=d_model,
+        drop_path_rate=0.0,
+    )
+    text = BartConfig(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=max_positions,
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=2,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        scale_embedding=False,
+    )
+    return Florence2Config(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=image_token_id
+    )
+
+
+def build_model(config, seed: int = 0, std: float = 0.3):
+    """Seeded random weights; text-side weights widened so that answers depend on the image."""
+    import torch
+    from transformers import Florence2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Florence2ForConditionalGeneration(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("model.vision_tower") or param.dim() < 2:
+                continue
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model
+
+
+def make_tiny_model(folder: str | Path, seed: int = 0, image_size: int = 128) -> Path:
+    """Write a tiny native Florence-2 checkpoint (model + processor) to ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    processor = build_processor(folder, image_size=image_size)
+    tokenizer = processor.tokenizer
+    config = build_config(vocab_size=len(tokenizer), image_token_id=tokenizer.image_token_id)
+    model = build_model(config, seed=seed)
+    model.generation_config.num_beams = 3
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _merges_of(bpe_model) -> list[str]:
+    import json
+
+    return [" ".join(m) if isinstance(m, list) else m for m in json.loads(bpe_model.__getstate__())["merges"]]

@@ -1,0 +1,131 @@
+"""Stage 6: write answers — text files and JSONL as they finish, COCO files from the journal.
+
+Every final file is written to a temporary name and renamed into place, so a reader never sees a
+half-written file and a crash never leaves one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from .tasks import Task
+
+
+@contextmanager
+def atomic_writer(path: Path, mode: str = "w"):
+    """Open a temporary file beside ``path``; on success rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, mode, encoding="utf-8" if "b" not in mode else None) as file:
+            yield file
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def text_path(output: Path, task: Task, name: str) -> Path:
+    """Where a text task's answer for image ``name`` goes: ``OUT/<task>/<name>.txt``."""
+    return output / task.slug / f"{name}.txt"
+
+
+def write_text(output: Path, task: Task, name: str, text: str) -> None:
+    with atomic_writer(text_path(output, task, name)) as file:
+        file.write(text)
+
+
+class JsonlSink:
+    """One JSON object per line, flushed as each answer finishes; ``-`` is standard output."""
+
+    def __init__(self, target: str):
+        self._own = target != "-"
+        self._file: IO[str] = open(target, "a", encoding="utf-8") if self._own else sys.stdout  # noqa: SIM115
+
+    def write(self, records: Iterable[dict]) -> None:
+        for record in records:
+            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._own:
+            self._file.close()
+
+
+def coco_annotation(instance: dict) -> dict:
+    """COCO fields for one parsed instance: ``bbox`` [x, y, w, h], ``area``, ``segmentation``."""
+    polygons = instance.get("polygons") or ([instance["quad"]] if instance.get("quad") else [])
+    polygons = [p for p in polygons if len(p) >= 6]  # COCO polygons need three points
+    if instance.get("bbox"):
+        x1, y1, x2, y2 = instance["bbox"]
+    else:
+        points = [c for p in (instance.get("polygons") or [instance.get("quad") or []]) for c in p]
+        xs, ys = points[0::2] or [0.0], points[1::2] or [0.0]
+        x1, y1, x2, y2 = min(xs), min(ys), max(xs), max(ys)
+    x1, x2 = sorted((x1, x2))
+    y1, y2 = sorted((y1, y2))
+    annotation = {"bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0}
+    if polygons:
+        annotation["segmentation"] = polygons
+        annotation["area"] = sum(_polygon_area(p) for p in polygons)
+    return annotation
+
+
+def _polygon_area(flat: list[float]) -> float:
+    xs, ys = flat[0::2], flat[1::2]
+    n = len(xs)
+    return abs(sum(xs[i] * ys[(i + 1) % n] - xs[(i + 1) % n] * ys[i] for i in range(n))) / 2
+
+
+def write_coco(
+    path: Path,
+    task: Task,
+    records: Callable[[], Iterable[dict]],
+    info: dict,
+    categories: list[str] | None = None,
+) -> None:
+    """Write the COCO file of ``task`` atomically from ``records()``, which yields its records in input
+    order each time it is called (it is read twice, so nothing is held in memory).
+
+    Categories are the given names in that order, or else every label seen, sorted, so their ids do
+    not depend on the order in which answers arrived.
+    """
+    if categories is None:
+        categories = sorted({i["label"] for r in records() for i in r["instances"]})
+    category_ids = {name: number for number, name in enumerate(categories, start=1)}
+    annotation_id = 0
+    with atomic_writer(path) as file:
+        file.write('{"info": ' + json.dumps(info, ensure_ascii=False) + ', "images": [')
+        for image_id, record in enumerate(records(), start=1):
+            image = {
+                "id": image_id,
+                "file_name": record["file"],
+                "width": record["width"],
+                "height": record["height"],
+            }
+            file.write((", " if image_id > 1 else "") + json.dumps(image, ensure_ascii=False))
+        file.write('], "annotations": [')
+        for image_id, record in enumerate(records(), start=1):
+            for instance in record["instances"]:
+                if instance["label"] not in category_ids:
+                    continue
+                annotation_id += 1
+                annotation = {
+                    "id": annotation_id,
+                    "image_id": image_id,
+                    "category_id": category_ids[instance["label"]],
+                    **coco_annotation(instance),
+                    "label": instance["label"],
+                }
+                if instance.get("score") is not None:
+                    annotation["score"] = instance["score"]
+                file.write((", " if annotation_id > 1 else "") + json.dumps(annotation, ensure_ascii=False))
+        category_list = [{"id": i, "name": n, "supercategory": task.slug} for n, i in category_ids.items()]
+        file.write('], "categories": ' + json.dumps(category_list, ensure_ascii=False) + "}\n")
