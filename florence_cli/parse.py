@@ -127,7 +127,8 @@ class TokenText:
 
 @functools.lru_cache(maxsize=8)
 def _special_ids(tokenizer) -> frozenset[int]:
-    return frozenset(tokenizer.all_special_ids)
+    """Ids that decode to their own literal text: special tokens and every added token (``<loc_N>``...)."""
+    return frozenset(tokenizer.all_special_ids) | frozenset(tokenizer.get_added_vocab().values())
 
 
 def clean_text(raw: str) -> str:

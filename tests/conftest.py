@@ -1,0 +1,83 @@
+"""Shared fixtures: one tiny checkpoint per session, images made on the fly, the reference loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from florence_cli.tiny import make_tiny_model
+
+# Short generations keep the suite fast; equality with the reference does not depend on length.
+MAX_NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def florence_model(tiny_model):
+    from florence_cli.model import FlorenceModel
+
+    return FlorenceModel.load(str(tiny_model), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def annotator(florence_model):
+    from florence_cli.annotate import Annotator, GenerationSettings
+
+    return Annotator(florence_model, batch_size=4, generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS))
+
+
+def random_image(seed: int, size: tuple[int, int] = (96, 72), mode: str = "RGB") -> Image.Image:
+    """A seeded noise image with a few solid blocks, so different seeds give different answers."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    for _ in range(3):
+        x, y = rng.integers(0, width // 2), rng.integers(0, height // 2)
+        pixels[y : y + height // 3, x : x + width // 3] = rng.integers(0, 256, 3, dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    return image if mode == "RGB" else image.convert(mode)
+
+
+def write_images(folder: Path, count: int, start_seed: int = 0, ext: str = "png") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"img{i:02d}.{ext}"
+        random_image(start_seed + i, size=(64 + 16 * (i % 4), 48 + 8 * (i % 3))).save(path)
+        paths.append(path)
+    return paths
+
+
+class Reference:
+    """The plain transformers loop the product must equal: one image at a time, processor →
+    ``generate`` → ``batch_decode`` → ``post_process_generation``."""
+
+    def __init__(self, model_dir: Path):
+        from transformers import AutoProcessor, Florence2ForConditionalGeneration
+
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.model = Florence2ForConditionalGeneration.from_pretrained(model_dir).eval()
+
+    def run(self, image: Image.Image, prompt: str, max_new_tokens: int = MAX_NEW_TOKENS, num_beams: int = 3):
+        import torch
+
+        inputs = self.processor(text=prompt, images=image, return_tensors="pt")
+        with torch.inference_mode():
+            ids = self.model.generate(
+                **inputs, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False
+            )
+        raw = self.processor.batch_decode(ids, skip_special_tokens=False)[0]
+        task = prompt[: prompt.index(">") + 1]
+        return raw, self.processor.post_process_generation(raw, task=task, image_size=image.size)[task]
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model) -> Reference:
+    return Reference(tiny_model)

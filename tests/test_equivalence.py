@@ -1,0 +1,59 @@
+"""Batching never changes an answer: every batch size equals the one-image reference loop."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from florence_cli.annotate import Annotator, GenerationSettings
+from florence_cli.tasks import TASKS, task_prompt
+
+from .conftest import MAX_NEW_TOKENS, write_images
+from .helpers import assert_same_answer, read_jsonl
+
+TEXTS = {"phrase": "a red car", "region": "100,200,600,900"}
+
+
+def _text_for(task):
+    return TEXTS.get(task.text_input.value)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("eq") / "imgs", 5)
+
+
+@pytest.fixture(scope="module")
+def expected(reference, images):
+    answers = {}
+    for task in TASKS.values():
+        prompt = task_prompt(task, _text_for(task))
+        for path in images:
+            with Image.open(path) as image:
+                answers[(path.name, task.name)] = reference.run(image.convert("RGB"), prompt)
+    return answers
+
+
+@pytest.mark.parametrize(("batch_size", "workers"), [(1, 0), (2, 0), (5, 2)])
+def test_every_task_every_batch_size_equals_reference(florence_model, images, expected, tmp_path, batch_size, workers):
+    annotator = Annotator(florence_model, batch_size=batch_size, generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS))
+    records = []
+    for text_kind in (None, "phrase", "region"):
+        tasks = [t.name for t in TASKS.values() if (_text_for(t) and t.text_input.value) == text_kind]
+        summary = annotator.run(
+            [str(images[0].parent)], tmp_path / f"out-{text_kind}", tasks,
+            text=TEXTS.get(text_kind), workers=workers, jsonl=str(tmp_path / "all.jsonl"),
+        )  # fmt: skip
+        assert summary.exit_code == 0 and summary.annotated == len(images)
+    records = read_jsonl(tmp_path / "all.jsonl")
+    assert len(records) == len(images) * len(TASKS)
+    for record in records:
+        raw, parsed = expected[(record["file"], record["task"])]
+        assert record["raw"] == raw, (record["file"], record["task"])
+        assert_same_answer(record["result"], parsed, f"{record['file']} {record['task']}")
+
+
+def test_answers_depend_on_the_image(expected, images):
+    """Guard against a tiny model that ignores its input (the equality above would then be empty)."""
+    raws = {expected[(p.name, "OD")][0] for p in images}
+    assert len(raws) > 1
