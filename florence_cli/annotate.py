@@ -191,7 +191,7 @@ class Annotator:
         out-of-memory error halves the batch and retries, so no image is lost or skipped."""
         try:
             return list(self.answer_batch(images))
-        except Exception as exc:  # noqa: BLE001 - an error on one image must not lose the batch
+        except Exception as exc:
             if len(images) == 1:
                 return [ImageFailure(images[0].ref.name, f"generation failed: {type(exc).__name__}: {exc}")]
             _release_cuda_cache()

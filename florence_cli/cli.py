@@ -54,6 +54,26 @@ def tasks() -> None:
         click.echo(f"{task.name:<{width}}  {task.summary:<40}  {output:<45} {needs}".rstrip())
 
 
+@main.command()
+@click.argument("source")
+@click.argument("destination", type=click.Path(file_okay=False))
+@click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (they can run code).")
+def convert(source: str, destination: str, allow_pickle: bool) -> None:
+    """Convert an original-format (Microsoft) checkpoint SOURCE into a native one at DESTINATION."""
+    from pathlib import Path
+
+    from .model import ModelLoadError, model_folder
+    from .original import OriginalCheckpointError, convert_checkpoint, is_original_layout
+
+    try:
+        folder = model_folder(source, allow_pickle=allow_pickle)
+        if not is_original_layout(folder):
+            raise click.ClickException(f"{source} is not an original-format Florence-2 checkpoint")
+        click.echo(str(convert_checkpoint(folder, Path(destination), allow_pickle=allow_pickle)))
+    except (ModelLoadError, OriginalCheckpointError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @main.command("make-tiny-model")
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
@@ -62,4 +82,3 @@ def make_tiny_model(folder: str, seed: int) -> None:
     from .tiny import make_tiny_model as build
 
     click.echo(str(build(folder, seed=seed)))
-

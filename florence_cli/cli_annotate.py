@@ -42,6 +42,12 @@ def _batch_size(value: str) -> int:
 @click.option("--num-beams", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option(
+    "--no-repeat-ngram-size",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Override the checkpoint's no_repeat_ngram_size (original checkpoints: 3).",
+)
+@click.option(
     "--workers",
     type=click.IntRange(min=0),
     default=None,
@@ -55,8 +61,10 @@ def _batch_size(value: str) -> int:
 )
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (they can run code).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
-def annotate(inputs, tasks, text, output, model, device, dtype, batch_size, num_beams, max_new_tokens, workers,
-             overwrite, jsonl, allow_pickle, quiet) -> None:  # fmt: skip
+def annotate(
+    inputs, tasks, text, output, model, device, dtype, batch_size, num_beams, max_new_tokens,
+    no_repeat_ngram_size, workers, overwrite, jsonl, allow_pickle, quiet,
+) -> None:  # fmt: skip
     """Annotate images (files, folders, or - for paths on stdin) with Florence-2 tasks."""
     import os
 
@@ -70,7 +78,8 @@ def annotate(inputs, tasks, text, output, model, device, dtype, batch_size, num_
     size = _batch_size(batch_size)
     if workers is None:
         workers = max(0, min(8, (os.cpu_count() or 1) - 1))
-    generation = GenerationSettings(num_beams=num_beams, max_new_tokens=max_new_tokens)
+    generation = GenerationSettings(num_beams, max_new_tokens, no_repeat_ngram_size)
+    _quiet_libraries(quiet)
     try:
         annotator = Annotator(model or DEFAULT_MODEL, device, dtype, size, generation, allow_pickle)
     except ModelLoadError as exc:
@@ -90,6 +99,18 @@ def annotate(inputs, tasks, text, output, model, device, dtype, batch_size, num_
     if not quiet:
         click.echo(summary.line(), err=True)
     sys.exit(summary.exit_code)
+
+
+def _quiet_libraries(quiet: bool) -> None:
+    """Keep transformers' per-load progress bars and advice off stderr; stderr is for our progress."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
 
 
 def _echo_err(message: str) -> None:

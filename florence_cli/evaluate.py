@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -124,46 +124,52 @@ def _image_matches(predictions: CocoDataset, ground_truth: Mapping[str, Any]) ->
     return matches
 
 
+def _category_id(
+    names: Iterable[str], categories: Mapping[str, int], synonyms: Mapping[str, str]
+) -> int | None:
+    """The ground-truth category of the first of ``names`` that names one, through ``synonyms``."""
+    for name in map(normalise_name, names):
+        name = synonyms.get(name, name)
+        if name in categories:
+            return categories[name]
+    return None
+
+
 def _detections(
-    predictions: CocoDataset, ground_truth: Mapping[str, Any], synonyms: Mapping[str, str]
-) -> tuple[list[dict[str, Any]], set[int], Counter[str], tuple[str, ...]]:
-    images = _image_matches(predictions, ground_truth)
-    if not images:
-        raise EvalError("no image of the predictions matches a ground-truth file_name")
-    categories = {normalise_name(category["name"]): category["id"] for category in ground_truth["categories"]}
-    mapped = {normalise_name(pred): normalise_name(gt) for pred, gt in synonyms.items()}
+    predictions: CocoDataset,
+    images: Mapping[int, int],
+    categories: Mapping[str, int],
+    synonyms: Mapping[str, str],
+) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """pycocotools result records for the predictions on matched images, and the unmatched labels."""
     detections, unmatched = [], Counter[str]()
     for annotation in predictions.annotations:
         if annotation.image_id not in images:
             continue
         names = (annotation.label, predictions.categories_by_id[annotation.category_id].name)
-        found = [
-            categories[n] for n in (mapped.get(n, n) for n in map(normalise_name, names)) if n in categories
-        ]
-        if not found:
+        category_id = _category_id(names, categories, synonyms)
+        if category_id is None:
             unmatched[annotation.label] += 1
             continue
-        polygons = annotation.segmentation
         x, y, w, h = annotation.bbox
+        polygons = [list(polygon) for polygon in annotation.segmentation]
         detections.append(
             {
                 "id": len(detections) + 1,
                 "image_id": images[annotation.image_id],
-                "category_id": found[0],
-                "bbox": list(annotation.bbox),
+                "category_id": category_id,
+                "bbox": [x, y, w, h],
                 "score": 1.0 if annotation.score is None else annotation.score,
-                "segmentation": [list(p) for p in polygons] or [[x, y, x + w, y, x + w, y + h, x, y + h]],
-                "has_polygon": bool(polygons),
+                "segmentation": polygons or [[x, y, x + w, y, x + w, y + h, x, y + h]],
                 "iscrowd": 0,
             }
         )
-    absent = tuple(image.file_name for image in predictions.images if image.id not in images)
-    return detections, set(images.values()), unmatched, absent
+    return detections, unmatched
 
 
 def _score(
     ground_truth: Mapping[str, Any], detections: list[dict[str, Any]], iou_type: str, image_ids: set[int]
-):
+) -> dict[str, float]:
     """The 12 summary numbers for one iou type, pycocotools' chatter silenced."""
     from pycocotools import mask
     from pycocotools.coco import COCO
@@ -201,11 +207,18 @@ def evaluate(
     Predictions without a score count as 1.0; those whose label matches no ground-truth category
     are dropped and counted. ``segm`` needs segmentations on every ground-truth annotation.
     """
-    detections, image_ids, unmatched, absent = _detections(predictions, ground_truth, synonyms or {})
+    images = _image_matches(predictions, ground_truth)
+    if not images:
+        raise EvalError("no image of the predictions matches a ground-truth file_name")
+    categories = {normalise_name(category["name"]): category["id"] for category in ground_truth["categories"]}
+    mapped = {normalise_name(pred): normalise_name(gt) for pred, gt in (synonyms or {}).items()}
+    detections, unmatched = _detections(predictions, images, categories, mapped)
     iou_types = ["bbox"]
-    if any(d["has_polygon"] for d in detections) and all(
+    if any(a.segmentation for a in predictions.annotations) and all(
         "segmentation" in record for record in ground_truth["annotations"]
     ):
         iou_types.append("segm")
+    image_ids = set(images.values())
     scores = {iou_type: _score(ground_truth, detections, iou_type, image_ids) for iou_type in iou_types}
+    absent = tuple(image.file_name for image in predictions.images if image.id not in images)
     return EvalReport(scores, len(image_ids), len(detections), unmatched, absent)

@@ -83,13 +83,12 @@ def _offline() -> bool:
 class FlorenceModel:
     """A loaded Florence-2 model with its processor, on one device, in one dtype."""
 
-    def __init__(self, model, processor, device: torch.device, dtype: torch.dtype, logits_processors=()):
+    def __init__(self, model, processor, device: torch.device, dtype: torch.dtype):
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.device = device
         self.dtype = dtype
-        self.logits_processors = list(logits_processors)
         self.generation_config = model.generation_config
         self.resize_spec, self._pixel_lut = _fast_pixels(processor.image_processor)
         if self._pixel_lut is not None:
@@ -104,8 +103,8 @@ class FlorenceModel:
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         folder = model_folder(model, allow_pickle=allow_pickle)
-        loaded, processor, extra = _load_folder(folder, torch_dtype, allow_pickle)
-        return cls(loaded.to(torch_device), processor, torch_device, torch_dtype, extra)
+        loaded, processor = _load_folder(folder, torch_dtype, allow_pickle)
+        return cls(loaded.to(torch_device), processor, torch_device, torch_dtype)
 
     # -- images -------------------------------------------------------------------------------
     def pixel_values(self, images: list[np.ndarray]) -> torch.Tensor:
@@ -167,7 +166,6 @@ class FlorenceModel:
             output = model.generate(
                 encoder_outputs=encoder_outputs,
                 attention_mask=attention_mask,
-                logits_processor=_logits_processors(self.logits_processors),
                 return_dict_in_generate=True,
                 output_scores=with_scores,
                 **generation,
@@ -198,12 +196,6 @@ def _token_logprobs(model, output) -> list[list[float]]:
         output.sequences, output.scores, getattr(output, "beam_indices", None), normalize_logits=False
     )
     return transition.float().cpu().tolist()
-
-
-def _logits_processors(extra):
-    from transformers import LogitsProcessorList
-
-    return LogitsProcessorList(extra)
 
 
 def expand_prompt(processor, prompt: str) -> str:
@@ -265,4 +257,4 @@ def _load_folder(folder: Path, dtype: torch.dtype, allow_pickle: bool):
     except (OSError, ValueError, KeyError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load a Florence-2 checkpoint from {folder}: {reason}") from None
-    return model, processor, []
+    return model, processor

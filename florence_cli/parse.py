@@ -98,7 +98,9 @@ class TokenText:
             positions = list(range(position, position + len(group)))
             position += len(group)
             if is_special:
-                texts = [(tokenizer.convert_ids_to_tokens(t), [p]) for t, p in zip(group, positions)]
+                texts = [
+                    (tokenizer.convert_ids_to_tokens(t), [p]) for t, p in zip(group, positions, strict=True)
+                ]
             else:
                 texts = [(tokenizer.decode(group, skip_special_tokens=False), positions)]
             for text, token_positions in texts:

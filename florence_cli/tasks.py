@@ -76,7 +76,7 @@ TASKS: dict[str, Task] = {
             _PH,
             "description_with_bboxes_or_polygons",
             "boxes or polygons for a class name",
-        ),  # fmt: skip
+        ),
         Task("REGION_TO_CATEGORY", _T, _RE, "pure_text", "category of a region"),
         Task("REGION_TO_DESCRIPTION", _T, _RE, "pure_text", "description of a region"),
         Task("REGION_TO_OCR", _T, _RE, "pure_text", "text inside a region"),

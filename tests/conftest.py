@@ -30,7 +30,9 @@ def florence_model(tiny_model):
 def annotator(florence_model):
     from florence_cli.annotate import Annotator, GenerationSettings
 
-    return Annotator(florence_model, batch_size=4, generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS))
+    return Annotator(
+        florence_model, batch_size=4, generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
+    )
 
 
 def random_image(seed: int, size: tuple[int, int] = (96, 72), mode: str = "RGB") -> Image.Image:

@@ -23,7 +23,9 @@ def assert_same_answer(ours, theirs, where: str = "") -> None:
         assert theirs - 1e-3 <= ours < theirs + 1 + 1e-3, f"{where}: {ours} vs {theirs}"
     elif isinstance(ours, str) and ours != theirs:
         # transformers drops non-ASCII from labels (encode("ascii", "ignore")); we keep it
-        assert not ours.isascii() and ours.encode("ascii", "ignore").decode() == theirs, f"{where}: {ours!r} vs {theirs!r}"
+        assert not ours.isascii() and ours.encode("ascii", "ignore").decode() == theirs, (
+            f"{where}: {ours!r} vs {theirs!r}"
+        )
     else:
         assert ours == theirs, f"{where}: {ours!r} vs {theirs!r}"
 

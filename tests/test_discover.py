@@ -12,7 +12,16 @@ def _touch(path):
 
 @pytest.fixture
 def tree(tmp_path):
-    for name in ["b.JPG", "a.png", "sub/c.jpeg", "sub/deeper/d.webp", ".hidden/e.jpg", "notes.txt", "f.TIFF", "g.gif"]:
+    for name in [
+        "b.JPG",
+        "a.png",
+        "sub/c.jpeg",
+        "sub/deeper/d.webp",
+        ".hidden/e.jpg",
+        "notes.txt",
+        "f.TIFF",
+        "g.gif",
+    ]:
         _touch(tmp_path / "imgs" / name)
     return tmp_path / "imgs"
 

@@ -35,8 +35,12 @@ def expected(reference, images):
 
 
 @pytest.mark.parametrize(("batch_size", "workers"), [(1, 0), (2, 0), (5, 2)])
-def test_every_task_every_batch_size_equals_reference(florence_model, images, expected, tmp_path, batch_size, workers):
-    annotator = Annotator(florence_model, batch_size=batch_size, generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS))
+def test_every_task_every_batch_size_equals_reference(
+    florence_model, images, expected, tmp_path, batch_size, workers
+):
+    annotator = Annotator(
+        florence_model, batch_size=batch_size, generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
+    )
     records = []
     for text_kind in (None, "phrase", "region"):
         tasks = [t.name for t in TASKS.values() if (_text_for(t) and t.text_input.value) == text_kind]

@@ -10,7 +10,7 @@ W, H = 640, 480
 BANNED = frozenset(BANNED_GROUNDING_PHRASES)
 
 CASES = [
-    ("OD", "</s><s>car<loc_53><loc_334><loc_147><loc_582>door handle<loc_100><loc_200><loc_300><loc_400></s>"),
+    ("OD", "</s><s>car<loc_53><loc_334><loc_147><loc_582>door handle<loc_10><loc_20><loc_30><loc_40></s>"),
     ("OD", "</s><s>wheel<loc_1><loc_2><loc_3><loc_4><loc_5><loc_6><loc_7><loc_8></s>"),
     ("DENSE_REGION_CAPTION", "</s><s>a red car<loc_0><loc_0><loc_999><loc_999></s>"),
     ("REGION_PROPOSAL", "</s><s><loc_10><loc_20><loc_30><loc_40><loc_50><loc_60><loc_70><loc_80></s>"),
@@ -46,7 +46,9 @@ def _truncated(value):
 @pytest.mark.parametrize(("task_name", "raw"), CASES)
 def test_parse_matches_transformers(reference, task_name, raw):
     task = TASKS[task_name]
-    expected = reference.processor.post_process_generation(raw, task=task.token, image_size=(W, H))[task.token]
+    expected = reference.processor.post_process_generation(raw, task=task.token, image_size=(W, H))[
+        task.token
+    ]
     answer = parse_answer(task, raw, W, H, banned=BANNED)
     assert _truncated(answer.result()) == expected
 
@@ -81,8 +83,8 @@ def test_scores_come_from_the_tokens_of_each_instance(reference):
     tokens = TokenText.from_tokens(tokenizer, ids, logprobs)
     assert tokens.text == raw.replace("</s>", "").replace("<s>", "")
     car, dog = parse_answer(TASKS["OD"], raw, W, H, tokens=tokens).instances
-    assert car.score == pytest.approx(2.718281828 ** -0.1)
-    assert dog.score == pytest.approx(2.718281828 ** -2.0)
+    assert car.score == pytest.approx(2.718281828**-0.1)
+    assert dog.score == pytest.approx(2.718281828**-2.0)
     assert 0 <= dog.score < car.score <= 1
 
 

@@ -21,7 +21,10 @@ def test_unknown_task_is_an_error():
 
 def test_prompts():
     assert task_prompt(TASKS["OD"], None) == "<OD>"
-    assert task_prompt(TASKS["CAPTION_TO_PHRASE_GROUNDING"], "a red car") == "<CAPTION_TO_PHRASE_GROUNDING>a red car"
+    assert (
+        task_prompt(TASKS["CAPTION_TO_PHRASE_GROUNDING"], "a red car")
+        == "<CAPTION_TO_PHRASE_GROUNDING>a red car"
+    )
     region = task_prompt(TASKS["REGION_TO_CATEGORY"], "10, 20,300,999")
     assert region == "<REGION_TO_CATEGORY><loc_10><loc_20><loc_300><loc_999>"
 
