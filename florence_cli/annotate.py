@@ -10,18 +10,19 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
-from itertools import islice
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .decode import DecodedImage, DecodeFailure, decode_image, decode_stream
-from .discover import ImageRef, InputError, discover
+from .decode import DecodedImage, decode_image
+from .discover import InputError, discover
+from .engine import Engine, ItemResult, LocalEngine, batches
+from .jobs import ImageFailure, Job, TaskRequest, WorkItem, parse_requests, plan_jobs
 from .journal import Journal, work_key
 from .model import DEFAULT_MODEL, FlorenceModel
 from .parse import Answer, TokenText, parse_answer
 from .postconfig import BANNED_GROUNDING_PHRASES
-from .tasks import Task, resolve_task, task_prompt
-from .writers import JsonlSink, write_coco, write_text
+from .tasks import resolve_task
+from .writers import JsonlSink, text_path, write_coco, write_text
 
 
 @dataclass(frozen=True)
@@ -36,46 +37,6 @@ class GenerationSettings:
     def kwargs(self) -> dict:
         flags = {k: v for k, v in asdict(self).items() if v is not None}
         return {"do_sample": False, **flags}
-
-
-@dataclass(frozen=True)
-class TaskRequest:
-    """A task to run on every image, with its text input when it needs one."""
-
-    task: Task
-    text: str | None = None
-
-    def prompt(self) -> str:
-        return task_prompt(self.task, self.text)
-
-
-@dataclass(frozen=True)
-class Job:
-    """One task to do on one image."""
-
-    request: TaskRequest
-    task_index: int
-    prompt: str
-    key: bytes
-
-
-@dataclass(frozen=True)
-class WorkItem(ImageRef):
-    """An image with the jobs still to do on it."""
-
-    jobs: tuple[Job, ...] = ()
-
-
-@dataclass
-class ImageFailure:
-    """An image (or one of its tasks) that produced no answer, and why."""
-
-    name: str
-    reason: str
-    task: str | None = None
-
-    def record(self) -> dict:
-        return {"file": self.name, "error": self.reason, **({"task": self.task} if self.task else {})}
 
 
 @dataclass
@@ -110,23 +71,6 @@ class SettingsMismatch(Exception):
     """The output folder holds results made with other settings."""
 
 
-def parse_requests(tasks: Iterable[str], text: str | None = None) -> list[TaskRequest]:
-    """Task names (``OD``, ``od``, ``<OD>``) to requests; text goes to the tasks that take it.
-
-    Raises ``TaskError`` for an unknown task or a task that needs text and has none.
-    """
-    requests, seen = [], set()
-    for name in tasks:
-        task = resolve_task(name)
-        if task.name in seen:
-            continue
-        seen.add(task.name)
-        request = TaskRequest(task, text if task.needs_text else None)
-        request.prompt()  # validates the text input now, before any model is loaded
-        requests.append(request)
-    return requests
-
-
 class Annotator:
     """Florence-2 over many images, batched, with answers identical to the one-image reference loop.
 
@@ -143,47 +87,48 @@ class Annotator:
         batch_size: int = 8,
         generation: GenerationSettings | None = None,
         allow_pickle: bool = False,
+        min_score: float | None = None,
     ):
-        self.model = (
-            model
-            if isinstance(model, FlorenceModel)
-            else FlorenceModel.load(model, device, dtype, allow_pickle)
-        )
-        self.model_name = model if isinstance(model, str) else "in-memory model"
+        if isinstance(model, FlorenceModel):
+            self.model, self.model_name = model, "in-memory model"
+        else:
+            self.model, self.model_name = FlorenceModel.load(model, device, dtype, allow_pickle), model
         self.batch_size = batch_size
         self.generation = generation or GenerationSettings()
+        self.min_score = min_score
         config = getattr(self.model.processor, "post_processor_config", None) or {}
         banned = config.get("phrase_grounding", {}).get("banned_grounding_tokens", BANNED_GROUNDING_PHRASES)
         self.banned_phrases = frozenset(banned)
 
     # -- the core: one batch of decoded images, each with its jobs --------------------------------
     def answer_batch(self, images: list[DecodedImage]) -> list[list[Answer]]:
-        """Answer every job of every image; image features are computed once per image."""
+        """Answer every job of every image, in job order. Image features are computed once per image;
+        jobs at the same position run as one batch, so a chained job sees the answers before it."""
         model = self.model
         features = model.image_features(model.pixel_values([image.pixels for image in images]))
         answers: list[list[Answer]] = [[] for _ in images]
-        task_order = sorted({job.task_index for image in images for job in image.ref.jobs})
-        for task_index in task_order:
-            rows = [
-                (i, job)
-                for i, image in enumerate(images)
-                for job in image.ref.jobs
-                if job.task_index == task_index
+        texts: list[dict[str, str]] = [{} for _ in images]  # each image's text answers so far
+        for position in range(max(len(image.ref.jobs) for image in images)):
+            rows = [i for i, image in enumerate(images) if position < len(image.ref.jobs)]
+            jobs = [images[i].ref.jobs[position] for i in rows]
+            prompts = [
+                job.prompt(images[i].width, images[i].height, texts[i])
+                for i, job in zip(rows, jobs, strict=True)
             ]
-            generated = model.generate(
-                features[[i for i, _ in rows]],
-                [job.prompt for _, job in rows],
-                self.generation.kwargs(),
-                True,
-            )
-            for (i, job), output in zip(rows, generated, strict=True):
+            generated = model.generate(features[rows], prompts, self.generation.kwargs(), with_scores=True)
+            for i, job, output in zip(rows, jobs, generated, strict=True):
                 tokens = TokenText.from_tokens(model.tokenizer, output.token_ids, output.token_logprobs)
                 image = images[i]
-                answers[i].append(
-                    parse_answer(
-                        job.request.task, output.text, image.width, image.height, tokens, self.banned_phrases
-                    )
+                answer = parse_answer(
+                    job.task, output.text, image.width, image.height, tokens, self.banned_phrases
                 )
+                for instance in answer.instances:
+                    instance.category = job.category
+                if self.min_score is not None:
+                    answer.instances = [x for x in answer.instances if (x.score or 0.0) >= self.min_score]
+                if answer.text is not None:
+                    texts[i][job.task.name] = answer.text
+                answers[i].append(answer)
         return answers
 
     def answer_batch_safely(self, images: list[DecodedImage]) -> list[list[Answer] | ImageFailure]:
@@ -191,7 +136,7 @@ class Annotator:
         out-of-memory error halves the batch and retries, so no image is lost or skipped."""
         try:
             return list(self.answer_batch(images))
-        except Exception as exc:
+        except Exception as exc:  # an error on one image must not lose the batch
             if len(images) == 1:
                 return [ImageFailure(images[0].ref.name, f"generation failed: {type(exc).__name__}: {exc}")]
             _release_cuda_cache()
@@ -200,31 +145,24 @@ class Annotator:
 
     # -- in-memory API ------------------------------------------------------------------------
     def annotate(
-        self, images: Iterable, tasks: Iterable[str], text: str | None = None
+        self, images: Iterable, tasks: list[str], text: str | None = None
     ) -> list[dict[str, Answer]]:
-        """Annotate image paths or PIL images in memory; returns, per image, ``{task name: Answer}``."""
-        requests = parse_requests(tasks, text)
-        jobs = tuple(Job(r, i, r.prompt(), b"") for i, r in enumerate(requests))
+        """Annotate image paths or PIL images in memory; returns, per image, ``{task name: Answer}``
+        (tasks with one query per class give the last; use ``run`` for those)."""
+        requests = parse_requests(list(tasks), text)
         results = []
-        batch: list[DecodedImage] = []
-        for number, image in enumerate(images):
-            batch.append(self._decode_in_memory(image, number, jobs))
-            if len(batch) == self.batch_size:
-                results.extend(self._answers_by_task(batch))
-                batch = []
-        if batch:
-            results.extend(self._answers_by_task(batch))
+        for batch in batches(enumerate(images), self.batch_size):
+            decoded = [self._decode_in_memory(image, number, requests) for number, image in batch]
+            results.extend({a.task.name: a for a in answers} for answers in self.answer_batch(decoded))
         return results
 
-    def _answers_by_task(self, batch: list[DecodedImage]) -> list[dict[str, Answer]]:
-        return [{a.task.name: a for a in answers} for answers in self.answer_batch(batch)]
-
-    def _decode_in_memory(self, image, number: int, jobs: tuple[Job, ...]) -> DecodedImage:
+    def _decode_in_memory(self, image, number: int, requests: list[TaskRequest]) -> DecodedImage:
         import numpy as np
         from PIL import Image
 
         name = str(image) if not isinstance(image, Image.Image) else f"image-{number}"
-        ref = WorkItem(path=name, name=name, order=(0, number), jobs=jobs)
+        ref = WorkItem(path=name, name=name, order=(0, number))
+        ref = WorkItem(name, name, ref.order, tuple(plan_jobs(ref, requests)[0]))
         if not isinstance(image, Image.Image):
             return DecodedImage(ref, *decode_image(str(image), self.model.resize_spec))
         rgb = image.convert("RGB")
@@ -239,7 +177,7 @@ class Annotator:
         self,
         inputs: Iterable[str],
         output: str | Path,
-        tasks: Iterable[str],
+        tasks: list[str] | list[TaskRequest],
         text: str | None = None,
         workers: int = 0,
         overwrite: bool = False,
@@ -247,142 +185,164 @@ class Annotator:
         stdin_lines: Iterable[str] = (),
         on_error: Callable[[ImageFailure], None] | None = None,
         progress: bool = False,
+        engine: Engine | None = None,
     ) -> RunSummary:
-        """Annotate every image under ``inputs`` into ``output``, resuming earlier work there."""
-        requests = parse_requests(tasks, text)
-        output = Path(output)
+        """Annotate every image under ``inputs`` into ``output``, resuming earlier work there.
+
+        ``tasks`` are names (with ``text`` for those that need it) or ready ``TaskRequest``s.
+        """
+        requests = tasks if tasks and isinstance(tasks[0], TaskRequest) else parse_requests(list(tasks), text)
+        return Run(self, requests, Path(output), overwrite, jsonl, on_error, progress).execute(
+            inputs, stdin_lines, engine or LocalEngine(self, workers)
+        )
+
+    def settings(self) -> dict:
+        """What an output folder's answers depend on besides the inputs and tasks."""
+        return {"model": self.model_name, "generation": self.generation.kwargs(), "min_score": self.min_score}
+
+
+class Run:
+    """One run of the driver: plans work, feeds an engine, journals and writes what comes back."""
+
+    def __init__(self, annotator, requests, output: Path, overwrite, jsonl, on_error, progress):
+        self.annotator = annotator
+        self.requests = requests
+        self.output = output
+        self.on_error = on_error
+        self.summary = RunSummary()
+        self.seen: set[bytes] = set()
         state = output / ".florence"
         if overwrite and state.exists():
             shutil.rmtree(state)
-        self._check_settings(state / "settings.json")
-        journal = Journal(state / "journal.jsonl")
-        errors_file = open(output / "errors.jsonl", "w", encoding="utf-8")  # noqa: SIM115
-        sink = JsonlSink(jsonl) if jsonl else None
-        summary = RunSummary()
-        seen: set[bytes] = set()
+        _check_settings(state / "settings.json", annotator.settings())
+        self.journal = Journal(state / "journal.jsonl")
+        self.errors = open(output / "errors.jsonl", "w", encoding="utf-8")  # noqa: SIM115
+        self.sink = JsonlSink(jsonl) if jsonl else None
+        self.bar = _progress_bar(progress)
+
+    def execute(self, inputs, stdin_lines, engine: Engine) -> RunSummary:
         started = time.perf_counter()
-
-        def fail(failure: ImageFailure) -> None:
-            summary.failed += 1
-            if len(summary.failures) < 20:
-                summary.failures.append(failure)
-            errors_file.write(json.dumps(failure.record(), ensure_ascii=False) + "\n")
-            errors_file.flush()
-            if on_error:
-                on_error(failure)
-
-        def work() -> Iterator[WorkItem]:
-            for found in discover(inputs, stdin_lines):
-                if isinstance(found, InputError):
-                    summary.images += 1
-                    fail(ImageFailure(found.path, found.reason))
-                    continue
-                summary.images += 1
-                jobs = []
-                for index, request in enumerate(requests):
-                    prompt = request.prompt()
-                    key = work_key(found, request.task.name, prompt)
-                    seen.add(key)
-                    if key not in journal.done:
-                        jobs.append(Job(request, index, prompt, key))
-                if jobs:
-                    yield WorkItem(found.path, found.name, found.order, tuple(jobs))
-                else:
-                    summary.skipped += 1
-
-        bar = _progress_bar(progress)
         try:
-            decoded = decode_stream(work(), self.model.resize_spec, workers=workers)
-            for batch in _batches(decoded, self.batch_size):
-                images = []
-                for item in batch:
-                    if isinstance(item, DecodeFailure):
-                        fail(ImageFailure(item.ref.name, item.reason))
-                    else:
-                        images.append(item)
-                records = []
-                for image, answers in zip(
-                    images, self.answer_batch_safely(images) if images else [], strict=True
-                ):
-                    if isinstance(answers, ImageFailure):
-                        fail(answers)
-                        continue
-                    summary.annotated += 1
-                    for job, answer in zip(image.ref.jobs, answers, strict=True):
-                        records.append(_journal_record(image, job, answer))
-                        if not answer.task.writes_coco:
-                            write_text(output, answer.task, image.ref.name, answer.text)
-                summary.answers += len(records)
-                if sink:
-                    sink.write(_public_record(r) for r in records)
-                journal.append(records)
-                if bar:
-                    bar.update(len(batch))
+            for results in engine.results(self.work(inputs, stdin_lines)):
+                self.write(results)
         finally:
-            if bar:
-                bar.close()
-            journal.close()
-            errors_file.close()
-            if sink:
-                sink.close()
-            self._write_coco_files(output, requests, journal, seen)
-            summary.seconds = time.perf_counter() - started
-        return summary
+            self.close()
+            self.summary.seconds = time.perf_counter() - started
+        return self.summary
 
-    def _write_coco_files(
-        self, output: Path, requests: list[TaskRequest], journal: Journal, seen: set[bytes]
-    ) -> None:
-        for request in requests:
-            task = request.task
-            if not task.writes_coco:
+    def fail(self, failure: ImageFailure) -> None:
+        self.summary.failed += 1
+        if len(self.summary.failures) < 20:
+            self.summary.failures.append(failure)
+        self.errors.write(json.dumps(failure.record(), ensure_ascii=False) + "\n")
+        self.errors.flush()
+        if self.on_error:
+            self.on_error(failure)
+
+    def work(self, inputs, stdin_lines) -> Iterator[WorkItem]:
+        """Images with the jobs not yet done on them; images with nothing to do are counted, not sent."""
+        for found in discover(inputs, stdin_lines):
+            self.summary.images += 1
+            if isinstance(found, InputError):
+                self.fail(ImageFailure(found.path, found.reason))
                 continue
+            planned, failures = plan_jobs(found, self.requests)
+            for failure in failures:
+                self.fail(failure)
+            jobs = []
+            for job in planned:
+                key = work_key(found, job.identity())
+                self.seen.add(key)
+                if key not in self.journal.done:
+                    jobs.append(replace(job, key=key, text=self._chained_text(found.name, job)))
+            if jobs:
+                yield WorkItem(found.path, found.name, found.order, tuple(jobs))
+            elif not failures:
+                self.summary.skipped += 1
 
-            def records(name=task.name):
-                return (r for r in journal.sorted_records(keep=seen) if r["task"] == name)
+    def _chained_text(self, name: str, job: Job) -> str | None:
+        """A chained job's text when its source answer was written by an earlier run."""
+        if not job.ground_from:
+            return job.text
+        source = text_path(self.output, resolve_task(job.ground_from), name)
+        return source.read_text(encoding="utf-8") if source.exists() else None
 
-            info = {"description": f"florence-cli {task.name}", "task": task.name, "model": self.model_name}
-            write_coco(output / f"{task.slug}.json", task, records, info)
+    def write(self, results: list[ItemResult]) -> None:
+        records = []
+        for result in results:
+            if result.failure:
+                self.fail(result.failure)
+                continue
+            self.summary.annotated += 1
+            for job, answer in zip(result.item.jobs, result.answers, strict=True):
+                records.append(_journal_record(result.item, job, answer))
+                if not answer.task.writes_coco:
+                    write_text(self.output, answer.task, result.item.name, answer.text)
+        self.summary.answers += len(records)
+        if self.sink:
+            self.sink.write(_public_record(r) for r in records)
+        self.journal.append(records)
+        if self.bar:
+            self.bar.update(len(results))
 
-    def _check_settings(self, path: Path) -> None:
-        settings = {"model": self.model_name, "generation": self.generation.kwargs()}
-        if path.exists():
-            earlier = json.loads(path.read_text())
-            if earlier != settings:
-                raise SettingsMismatch(
-                    f"{path.parent.parent} holds results made with other settings ({earlier}); "
-                    "use --overwrite or another output folder"
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+        self.journal.close()
+        self.errors.close()
+        if self.sink:
+            self.sink.close()
+        for request in self.requests:
+            task = request.task
+            if task.writes_coco:
+
+                def records(name=task.name):
+                    return (r for r in self.journal.sorted_records(keep=self.seen) if r["task"] == name)
+
+                info = {
+                    "description": f"florence-cli {task.name}",
+                    "task": task.name,
+                    "model": self.annotator.model_name,
+                }
+                write_coco(
+                    self.output / f"{task.slug}.json", task, records, info, list(request.classes) or None
                 )
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(settings, indent=1))
 
 
-def _journal_record(image: DecodedImage, job: Job, answer: Answer) -> dict:
+def _check_settings(path: Path, settings: dict) -> None:
+    if path.exists():
+        earlier = json.loads(path.read_text())
+        if earlier != settings:
+            raise SettingsMismatch(
+                f"{path.parent.parent} holds results made with other settings ({earlier}); "
+                "use --overwrite or another output folder"
+            )
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1))
+
+
+def _journal_record(item: WorkItem, job: Job, answer: Answer) -> dict:
     return {
-        "file": image.ref.name,
+        "file": item.name,
         "task": answer.task.name,
+        **({"text": job.text} if job.text is not None else {}),
         "width": answer.width,
         "height": answer.height,
         "result": answer.result(),
         "raw": answer.raw,
         "key": job.key.hex(),
-        "order": list(image.ref.order),
-        "task_index": job.task_index,
+        "order": list(item.order),
+        "job_index": job.index,
         "instances": [asdict(i) for i in answer.instances],
     }
 
 
-_PUBLIC_FIELDS = ("file", "task", "width", "height", "result", "raw")
+_PUBLIC_FIELDS = ("file", "task", "text", "width", "height", "result", "raw")
 
 
 def _public_record(record: dict) -> dict:
-    return {k: record[k] for k in _PUBLIC_FIELDS}
-
-
-def _batches(items: Iterable, size: int) -> Iterator[list]:
-    iterator = iter(items)
-    while batch := list(islice(iterator, size)):
-        yield batch
+    return {k: record[k] for k in _PUBLIC_FIELDS if k in record}
 
 
 def _progress_bar(enabled: bool):

@@ -27,6 +27,21 @@ def _batch_size(value: str) -> int:
 @click.option(
     "--text", help="Text input for tasks that need one (phrase, expression, or region x1,y1,x2,y2 in bins)."
 )
+@click.option(
+    "--text-file",
+    type=click.Path(dir_okay=False),
+    help="Per-image text inputs: JSONL {file, text} or CSV file,text (paths relative or absolute).",
+)
+@click.option("--classes", help="OPEN_VOCABULARY_DETECTION: one query per class, e.g. 'car,person'.")
+@click.option(
+    "--ground-from", help="Ground each image's own answer of this caption task, e.g. MORE_DETAILED_CAPTION."
+)
+@click.option(
+    "--region", help="Region tasks: x1,y1,x2,y2 in pixels of each image (instead of bins in --text)."
+)
+@click.option(
+    "--min-score", type=click.FloatRange(0, 1), default=None, help="Drop instances scored below this."
+)
 @click.option("-o", "--output", default="florence-out", show_default=True, type=click.Path(file_okay=False))
 @click.option(
     "-m",
@@ -61,27 +76,34 @@ def _batch_size(value: str) -> int:
 )
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (they can run code).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
-def annotate(
-    inputs, tasks, text, output, model, device, dtype, batch_size, num_beams, max_new_tokens,
-    no_repeat_ngram_size, workers, overwrite, jsonl, allow_pickle, quiet,
-) -> None:  # fmt: skip
+def annotate(inputs: tuple[str, ...], **flags) -> None:
     """Annotate images (files, folders, or - for paths on stdin) with Florence-2 tasks."""
     import os
 
-    from .annotate import Annotator, GenerationSettings, SettingsMismatch, parse_requests
+    from .annotate import Annotator, GenerationSettings, SettingsMismatch
+    from .jobs import parse_requests
     from .model import DEFAULT_MODEL, ModelLoadError
 
-    try:
-        parse_requests(tasks, text)  # a usage error comes before any model is loaded
+    try:  # every usage error comes before any model is loaded
+        requests = parse_requests(
+            list(flags["tasks"]), flags["text"], flags["text_file"], flags["classes"], flags["ground_from"],
+            flags["region"],
+        )  # fmt: skip
     except TaskError as exc:
         raise click.UsageError(str(exc)) from None
-    size = _batch_size(batch_size)
+    workers = flags["workers"]
     if workers is None:
         workers = max(0, min(8, (os.cpu_count() or 1) - 1))
-    generation = GenerationSettings(num_beams, max_new_tokens, no_repeat_ngram_size)
+    generation = GenerationSettings(
+        flags["num_beams"], flags["max_new_tokens"], flags["no_repeat_ngram_size"]
+    )
+    quiet = flags["quiet"]
     _quiet_libraries(quiet)
     try:
-        annotator = Annotator(model or DEFAULT_MODEL, device, dtype, size, generation, allow_pickle)
+        annotator = Annotator(
+            flags["model"] or DEFAULT_MODEL, flags["device"], flags["dtype"],
+            _batch_size(flags["batch_size"]), generation, flags["allow_pickle"], flags["min_score"],
+        )  # fmt: skip
     except ModelLoadError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -91,8 +113,9 @@ def annotate(
 
     try:
         summary = annotator.run(
-            inputs, output, tasks, text=text, workers=workers, overwrite=overwrite, jsonl=jsonl,
-            stdin_lines=sys.stdin if "-" in inputs else (), on_error=report, progress=not quiet,
+            inputs, flags["output"], requests, workers=workers, overwrite=flags["overwrite"],
+            jsonl=flags["jsonl"], stdin_lines=sys.stdin if "-" in inputs else (), on_error=report,
+            progress=not quiet,
         )  # fmt: skip
     except SettingsMismatch as exc:
         raise click.UsageError(str(exc)) from None

@@ -20,14 +20,14 @@ from .discover import ImageRef
 _SORT_CHUNK = 50_000  # records sorted in memory at once when rebuilding outputs
 
 
-def work_key(ref: ImageRef, task: str, prompt: str) -> bytes:
-    """Identity of one piece of work: the file's name, size and mtime, the task and its prompt."""
+def work_key(ref: ImageRef, job_identity: str) -> bytes:
+    """Identity of one piece of work: the file's name, size and mtime, and the job (task + text input)."""
     try:
         stat = os.stat(ref.path)
         identity = f"{stat.st_size}:{stat.st_mtime_ns}"
     except OSError:
         identity = "missing"
-    return hashlib.blake2b(f"{ref.name}\0{identity}\0{task}\0{prompt}".encode(), digest_size=12).digest()
+    return hashlib.blake2b(f"{ref.name}\0{identity}\0{job_identity}".encode(), digest_size=12).digest()
 
 
 class Journal:
@@ -92,7 +92,7 @@ class Journal:
                 record = json.loads(line)
                 if keep is not None and bytes.fromhex(record["key"]) not in keep:
                     continue
-                chunk.append(([record["order"], record["task_index"], line_number], record))
+                chunk.append(([record["order"], record["job_index"], line_number], record))
                 if len(chunk) >= _SORT_CHUNK:
                     yield _write_chunk(scratch, chunk)
                     chunk = []

@@ -32,6 +32,7 @@ class Instance:
     polygons: list[list[float]] = field(default_factory=list)  # each x1, y1, x2, y2, ... in pixels
     quad: list[float] | None = None  # OCR: four corners x1, y1, ..., x4, y4
     score: float | None = None
+    category: str | None = None  # the class asked for, when one query was made per class
 
 
 @dataclass

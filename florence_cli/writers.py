@@ -78,6 +78,11 @@ def coco_annotation(instance: dict) -> dict:
     return annotation
 
 
+def _category(instance: dict) -> str:
+    """An instance's category: the class it was asked for, else its label."""
+    return instance.get("category") or instance["label"]
+
+
 def _polygon_area(flat: list[float]) -> float:
     xs, ys = flat[0::2], flat[1::2]
     n = len(xs)
@@ -98,7 +103,7 @@ def write_coco(
     not depend on the order in which answers arrived.
     """
     if categories is None:
-        categories = sorted({i["label"] for r in records() for i in r["instances"]})
+        categories = sorted({_category(i) for r in records() for i in r["instances"]})
     category_ids = {name: number for number, name in enumerate(categories, start=1)}
     annotation_id = 0
     with atomic_writer(path) as file:
@@ -114,13 +119,13 @@ def write_coco(
         file.write('], "annotations": [')
         for image_id, record in enumerate(records(), start=1):
             for instance in record["instances"]:
-                if instance["label"] not in category_ids:
+                if _category(instance) not in category_ids:
                     continue
                 annotation_id += 1
                 annotation = {
                     "id": annotation_id,
                     "image_id": image_id,
-                    "category_id": category_ids[instance["label"]],
+                    "category_id": category_ids[_category(instance)],
                     **coco_annotation(instance),
                     "label": instance["label"],
                 }
