@@ -71,6 +71,9 @@ class SettingsMismatch(Exception):
     """The output folder holds results made with other settings."""
 
 
+AUTO_CUDA_BATCH = 64  # --batch-size auto starts here on CUDA, halving on out-of-memory
+
+
 class Annotator:
     """Florence-2 over many images, batched, with answers identical to the one-image reference loop.
 
@@ -84,7 +87,7 @@ class Annotator:
         model: str | FlorenceModel = DEFAULT_MODEL,
         device: str = "auto",
         dtype: str = "auto",
-        batch_size: int = 8,
+        batch_size: int | str = 8,
         generation: GenerationSettings | None = None,
         allow_pickle: bool = False,
         min_score: float | None = None,
@@ -93,7 +96,12 @@ class Annotator:
             self.model, self.model_name = model, "in-memory model"
         else:
             self.model, self.model_name = FlorenceModel.load(model, device, dtype, allow_pickle), model
-        self.batch_size = batch_size
+        # "auto": start high on CUDA and halve on out-of-memory (kept for later batches)
+        self.batch_size = (
+            (AUTO_CUDA_BATCH if self.model.device.type == "cuda" else 8)
+            if batch_size == "auto"
+            else int(batch_size)
+        )
         self.generation = generation or GenerationSettings()
         self.min_score = min_score
         config = getattr(self.model.processor, "post_processor_config", None) or {}
@@ -137,9 +145,11 @@ class Annotator:
         try:
             return list(self.answer_batch(images))
         except Exception as exc:  # an error on one image must not lose the batch
+            if _is_out_of_memory(exc):
+                _release_cuda_cache()
+                self.batch_size = max(1, min(self.batch_size, len(images) // 2))
             if len(images) == 1:
                 return [ImageFailure(images[0].ref.name, f"generation failed: {type(exc).__name__}: {exc}")]
-            _release_cuda_cache()
             half = len(images) // 2
             return self.answer_batch_safely(images[:half]) + self.answer_batch_safely(images[half:])
 
@@ -351,6 +361,12 @@ def _progress_bar(enabled: bool):
     from tqdm import tqdm
 
     return tqdm(unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+
+
+def _is_out_of_memory(exc: Exception) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
 
 
 def _release_cuda_cache() -> None:

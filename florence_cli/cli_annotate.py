@@ -9,7 +9,9 @@ import click
 from .tasks import TaskError
 
 
-def _batch_size(value: str) -> int:
+def _batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
     try:
         size = int(value)
     except ValueError:
@@ -53,7 +55,13 @@ def _batch_size(value: str) -> int:
 @click.option(
     "--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto", show_default=True
 )
-@click.option("-b", "--batch-size", default="8", show_default=True, help="Images per batch.")
+@click.option(
+    "-b",
+    "--batch-size",
+    default="8",
+    show_default=True,
+    help="Images per batch, or auto (CUDA: start at 64, halve on out-of-memory).",
+)
 @click.option("--num-beams", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option(

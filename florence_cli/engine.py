@@ -4,7 +4,7 @@ writers, errors — is one piece of code whatever runs the model."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING, Protocol
@@ -34,9 +34,10 @@ class Engine(Protocol):
         ...
 
 
-def batches(items: Iterable, size: int) -> Iterator[list]:
+def batches(items: Iterable, size: int | Callable[[], int]) -> Iterator[list]:
+    """Lists of ``size`` items; a callable size is asked again before each batch."""
     iterator = iter(items)
-    while batch := list(islice(iterator, size)):
+    while batch := list(islice(iterator, size() if callable(size) else size)):
         yield batch
 
 
@@ -49,7 +50,7 @@ class LocalEngine:
 
     def results(self, items: Iterable[WorkItem]) -> Iterator[list[ItemResult]]:
         decoded = decode_stream(items, self.annotator.model.resize_spec, workers=self.workers)
-        for batch in batches(decoded, self.annotator.batch_size):
+        for batch in batches(decoded, lambda: self.annotator.batch_size):  # it shrinks on out-of-memory
             failed = [
                 ItemResult(d.ref, failure=ImageFailure(d.ref.name, d.reason))
                 for d in batch

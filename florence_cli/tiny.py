@@ -6,6 +6,7 @@ Microsoft's order, ``<image>`` last); only the sizes are small and the weights r
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from .postconfig import post_processor_config
@@ -42,8 +43,12 @@ def microsoft_added_tokens() -> list[str]:
     return TASK_TOKENS_BEFORE_LOCATIONS + locations + TASK_TOKENS_AFTER_LOCATIONS
 
 
-def build_tokenizer(vocab_size: int = 400):
-    """A small byte-level BPE tokenizer with BART's specials and Florence-2's added tokens."""
+def build_tokenizer(vocab_size: int = 400, base_vocab: int | None = None):
+    """A small byte-level BPE tokenizer with BART's specials and Florence-2's added tokens.
+
+    ``base_vocab`` pads the base vocabulary with unused entries to that size (BART's is 50,265), so
+    that token ids and the output layer have their real sizes.
+    """
     from tokenizers import ByteLevelBPETokenizer
     from transformers import BartTokenizer
 
@@ -57,6 +62,8 @@ def build_tokenizer(vocab_size: int = 400):
     )
     model = trainer._tokenizer.model
     vocab = dict(sorted(trainer.get_vocab().items(), key=lambda item: item[1]))
+    for number in range(len(vocab), (base_vocab or 0) - 1):
+        vocab[f"unused{number}"] = number
     vocab["<mask>"] = len(vocab)  # BART keeps <mask> as the last base-vocabulary entry
     merges = [tuple(merge.split(" ")) for merge in _merges_of(model)]
     tokenizer = BartTokenizer(vocab=vocab, merges=merges)
@@ -75,8 +82,8 @@ def _with_image_token(tokenizer, folder: Path):
     return BartTokenizer.from_pretrained(folder, extra_special_tokens={"image_token": IMAGE_TOKEN})
 
 
-def build_processor(tokenizer_folder: Path, image_size: int = 128):
-    """A Florence-2 processor for a tiny model whose images are ``image_size`` pixels square."""
+def build_processor(tokenizer_folder: Path, image_size: int = 128, base_vocab: int | None = None):
+    """A Florence-2 processor whose images are ``image_size`` pixels square."""
     from transformers import CLIPImageProcessor, Florence2Processor
 
     image_processor = CLIPImageProcessor(
@@ -93,35 +100,58 @@ def build_processor(tokenizer_folder: Path, image_size: int = 128):
     )
     # DaViT downsamples by 32; one extra token carries the temporal (whole-image) feature.
     image_processor.image_seq_length = (image_size // 32) ** 2 + 1
-    tokenizer = _with_image_token(build_tokenizer(), tokenizer_folder)
+    tokenizer = _with_image_token(build_tokenizer(base_vocab=base_vocab), tokenizer_folder)
     return Florence2Processor(
         image_processor=image_processor, tokenizer=tokenizer, post_processor_config=post_processor_config()
     )
 
 
-def build_config(vocab_size: int, image_token_id: int, d_model: int = 32, max_positions: int = 1100):
-    """A few-layer Florence-2 config with the real architecture."""
+@dataclass(frozen=True)
+class Size:
+    """Dimensions of a Florence-2 model: the real base and large ones, and a tiny one for tests."""
+
+    image_size: int
+    base_vocab: int | None
+    depths: tuple[int, ...]
+    embed_dim: tuple[int, ...]
+    heads: tuple[int, ...]  # vision heads and groups per stage
+    window_size: int
+    d_model: int
+    layers: int  # encoder and decoder each
+    text_heads: int
+    ffn: int
+
+
+SIZES = {
+    "tiny": Size(128, None, (1, 1, 1, 1), (8, 16, 32, 64), (1, 2, 2, 4), 2, 32, 2, 2, 64),
+    "base": Size(768, 50265, (1, 1, 9, 1), (128, 256, 512, 1024), (4, 8, 16, 32), 12, 768, 6, 12, 3072),
+    "large": Size(768, 50265, (1, 1, 9, 1), (256, 512, 1024, 2048), (8, 16, 32, 64), 12, 1024, 12, 16, 4096),
+}
+
+
+def build_config(vocab_size: int, image_token_id: int, size: Size = SIZES["tiny"]):
+    """A Florence-2 config with the real architecture at the given size."""
     from transformers import BartConfig, Florence2Config, Florence2VisionConfig
 
     vision = Florence2VisionConfig(
-        depths=[1, 1, 1, 1],
-        embed_dim=[8, 16, 32, 64],
-        num_heads=[1, 2, 2, 4],
-        num_groups=[1, 2, 2, 4],
-        window_size=2,
-        projection_dim=d_model,
+        depths=list(size.depths),
+        embed_dim=list(size.embed_dim),
+        num_heads=list(size.heads),
+        num_groups=list(size.heads),
+        window_size=size.window_size,
+        projection_dim=size.d_model,
         drop_path_rate=0.0,
     )
     text = BartConfig(
         vocab_size=vocab_size,
-        d_model=d_model,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=max_positions,
+        d_model=size.d_model,
+        encoder_layers=size.layers,
+        decoder_layers=size.layers,
+        encoder_attention_heads=size.text_heads,
+        decoder_attention_heads=size.text_heads,
+        encoder_ffn_dim=size.ffn,
+        decoder_ffn_dim=size.ffn,
+        max_position_embeddings=1024 if size.base_vocab else 1100,
         bos_token_id=0,
         pad_token_id=1,
         eos_token_id=2,
@@ -153,18 +183,25 @@ def build_model(config, seed: int = 0, std: float = 0.3):
     return model
 
 
-def make_tiny_model(folder: str | Path, seed: int = 0, image_size: int = 128) -> Path:
-    """Write a tiny native Florence-2 checkpoint (model + processor) to ``folder``."""
+def build_random(folder: str | Path, size: str = "tiny", seed: int = 0):
+    """A seeded random-weight model and its processor at ``size`` (tokenizer files go to ``folder``)."""
+    dims = SIZES[size]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    processor = build_processor(folder, image_size=image_size)
+    processor = build_processor(folder, image_size=dims.image_size, base_vocab=dims.base_vocab)
     tokenizer = processor.tokenizer
-    config = build_config(vocab_size=len(tokenizer), image_token_id=tokenizer.image_token_id)
+    config = build_config(vocab_size=len(tokenizer), image_token_id=tokenizer.image_token_id, size=dims)
     model = build_model(config, seed=seed)
     model.generation_config.num_beams = 3
+    return model, processor
+
+
+def make_tiny_model(folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny native Florence-2 checkpoint (model + processor, a few MB) to ``folder``."""
+    model, processor = build_random(folder, "tiny", seed)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    return folder
+    return Path(folder)
 
 
 def _merges_of(bpe_model) -> list[str]:

@@ -1,0 +1,180 @@
+"""Throughput of ``florence annotate`` against the model card's reference loop, same process, same device.
+
+Builds a random-weight Florence-2 with the real base or large dimensions (nothing is downloaded),
+writes N synthetic JPEGs of realistic sizes, then times
+  (a) the reference loop: one image at a time, processor → generate → post_process_generation;
+  (b) ``Annotator.run`` (decode workers, batching, shared image features) through the Python API,
+checks that both give identical answers, and prints images/s, the ratio (b)/(a), peak RAM and, on
+CUDA, peak GPU memory. Random weights make generation lengths arbitrary, so both sides generate
+exactly ``--new-tokens`` tokens (min_new_tokens = max_new_tokens).
+
+    python benchmarks/throughput.py --device cpu --size base -n 8 --batch-sizes 8
+    python benchmarks/throughput.py --device cuda --size large --dtype fp16 -n 256 --batch-sizes 16,32,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from florence_cli.annotate import Annotator, GenerationSettings
+from florence_cli.model import FlorenceModel, resolve_dtype
+from florence_cli.tasks import resolve_task
+from florence_cli.tiny import build_random
+
+IMAGE_SIZES = [(640, 480), (1024, 768), (1920, 1080), (3000, 2000), (4000, 3000), (800, 1200)]
+
+
+def write_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """Synthetic photos: smooth colour fields with noise, JPEG-compressed, of realistic sizes."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        width, height = IMAGE_SIZES[i % len(IMAGE_SIZES)]
+        small = rng.integers(0, 256, (height // 64 + 1, width // 64 + 1, 3), dtype=np.uint8)
+        image = Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR)
+        noisy = np.asarray(image, dtype=np.int16) + rng.integers(-12, 12, (height, width, 3), dtype=np.int16)
+        path = folder / f"photo{i:05d}.jpg"
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def reset_peak_rss() -> None:
+    """Linux: reset the process's peak resident size so each phase reports its own."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def start_phase(device: torch.device) -> float:
+    reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    return time.perf_counter()
+
+
+def end_phase(device: torch.device, started: float) -> dict:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    figures = {"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+    if device.type == "cuda":
+        figures["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return figures
+
+
+def reference_loop(model: FlorenceModel, paths: list[Path], prompt: str, generation: dict) -> dict[str, str]:
+    """The model card's code, one image at a time."""
+    processor, answers = model.processor, {}
+    for path in paths:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened).convert("RGB")
+        inputs = processor(text=prompt, images=image, return_tensors="pt").to(model.device, model.dtype)
+        inputs["input_ids"] = inputs["input_ids"].long()
+        with torch.inference_mode():
+            ids = model.model.generate(**inputs, **generation)
+        raw = processor.batch_decode(ids, skip_special_tokens=False)[0]
+        processor.post_process_generation(raw, task=prompt, image_size=image.size)
+        answers[path.name] = raw
+    return answers
+
+
+def report(row: dict) -> str:
+    line = (
+        f"{row['task']:<12} batch {row['batch_size']:>3}: "
+        f"reference {row['reference_images_per_s']:.3f} img/s, "
+        f"florence {row['florence_images_per_s']:.3f} img/s, ratio {row['speedup']:.2f}x, "
+        f"identical answers {row['identical']}/{row['images']}, "
+        f"peak RSS {row['reference_peak_rss_mb']:.0f} / {row['florence_peak_rss_mb']:.0f} MB"
+    )
+    if "florence_peak_gpu_mb" in row:
+        line += f", peak GPU {row['reference_peak_gpu_mb']:.0f} / {row['florence_peak_gpu_mb']:.0f} MB"
+    return line
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--size", choices=["tiny", "base", "large"], default="base")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
+    parser.add_argument("--tasks", default="OD", help="comma-separated")
+    parser.add_argument("-n", "--images", type=int, default=8)
+    parser.add_argument("--batch-sizes", default="8", help="comma-separated")
+    parser.add_argument("--new-tokens", type=int, default=150)
+    parser.add_argument("--num-beams", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    scratch = Path(tempfile.mkdtemp(prefix="florence-bench-"))
+    model, processor = build_random(scratch / "tokenizer", args.size)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))  # fmt: skip
+    dtype = resolve_dtype(args.dtype, device)
+    loaded = FlorenceModel(model.to(device, dtype), processor, device, dtype)
+    paths = write_images(scratch / "images", args.images)
+    generation = GenerationSettings(args.num_beams, args.new_tokens, None, args.new_tokens)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"# {args.size} ({params:.0f}M params), {device}, {dtype}, {args.images} images, "
+          f"{args.num_beams} beams, {args.new_tokens} new tokens", flush=True)  # fmt: skip
+    rows = []
+    for task_name in args.tasks.split(","):
+        task = resolve_task(task_name)
+        started = start_phase(device)
+        expected = reference_loop(loaded, paths, task.token, generation.kwargs())
+        reference = end_phase(device, started)
+        for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+            annotator = Annotator(loaded, batch_size=batch_size, generation=generation)
+            out = scratch / f"out-{task.slug}-{batch_size}"
+            started = start_phase(device)
+            summary = annotator.run([str(scratch / "images")], out, [task.name], workers=args.workers,
+                                    jsonl=str(out / "answers.jsonl"))  # fmt: skip
+            ours = end_phase(device, started)
+            records = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+            answers = {r["file"]: r["raw"] for r in records}
+            same = sum(answers.get(name) == raw for name, raw in expected.items())
+            row = {
+                "task": task.name, "batch_size": batch_size, "size": args.size, "device": str(device),
+                "dtype": str(dtype).removeprefix("torch."), "images": args.images,
+                "reference_images_per_s": args.images / reference["seconds"],
+                "florence_images_per_s": summary.annotated / ours["seconds"],
+                "identical": same, "agreement": same / len(expected),
+            }  # fmt: skip
+            row["speedup"] = row["florence_images_per_s"] / row["reference_images_per_s"]
+            for key in ("peak_rss_mb", "peak_gpu_mb"):
+                if key in ours:
+                    row[f"reference_{key}"], row[f"florence_{key}"] = reference[key], ours[key]
+            rows.append(row)
+            print(report(row), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

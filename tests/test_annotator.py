@@ -1,0 +1,89 @@
+"""The Python API: in-memory annotation, and batches that fail or run out of memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from florence_cli.annotate import Annotator, GenerationSettings
+
+from .conftest import MAX_NEW_TOKENS, random_image, write_images
+from .helpers import assert_same_records, read_jsonl
+
+
+def test_annotate_in_memory_matches_reference(annotator, reference):
+    images = [random_image(seed) for seed in range(3)]
+    answers = annotator.annotate(images, ["OD", "CAPTION"])
+    for image, answer in zip(images, answers, strict=True):
+        raw, _ = reference.run(image, "<OD>")
+        assert answer["OD"].raw == raw
+        assert answer["CAPTION"].text == reference.run(image, "<CAPTION>")[1]
+
+
+def _flaky_generate(model, fail_when):
+    real = model.generate
+
+    def generate(features, prompts, generation, with_scores=False):
+        error = fail_when(features)
+        if error:
+            raise error
+        return real(features, prompts, generation, with_scores)
+
+    return generate
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(florence_model, tmp_path, monkeypatch):
+    folder = tmp_path / "imgs"
+    write_images(folder, 7)
+    settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
+    expected = Annotator(florence_model, batch_size=1, generation=settings)
+    expected.run([str(folder)], tmp_path / "expected", ["OD"], jsonl=str(tmp_path / "expected.jsonl"))
+    annotator = Annotator(florence_model, batch_size=6, generation=settings)
+    too_big = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(
+        florence_model, "generate", _flaky_generate(florence_model, lambda f: too_big if len(f) > 2 else None)
+    )
+    summary = annotator.run([str(folder)], tmp_path / "out", ["OD"], jsonl=str(tmp_path / "out.jsonl"))
+    assert summary.exit_code == 0 and summary.annotated == 7
+    assert annotator.batch_size <= 2  # later batches never again try a size that ran out of memory
+    assert_same_records(read_jsonl(tmp_path / "out.jsonl"), read_jsonl(tmp_path / "expected.jsonl"))
+
+
+def test_an_image_that_breaks_generation_fails_alone(florence_model, tmp_path, monkeypatch):
+    folder = tmp_path / "imgs"
+    paths = write_images(folder, 5)
+    annotator = Annotator(florence_model, batch_size=5, generation=GenerationSettings(max_new_tokens=8))
+    guilty = annotator.model.pixel_values([_pixels(annotator, paths[3])])
+    features_of_guilty = annotator.model.image_features(guilty)[0]
+
+    def fail_when(features):
+        hit = any(torch.allclose(row, features_of_guilty, atol=1e-5) for row in features)
+        return RuntimeError("bad kernel") if hit else None
+
+    monkeypatch.setattr(florence_model, "generate", _flaky_generate(florence_model, fail_when))
+    failures = []
+    summary = annotator.run([str(folder)], tmp_path / "out", ["OD"], on_error=failures.append)
+    assert summary.exit_code == 1 and summary.annotated == 4
+    assert [(f.name, f.reason) for f in failures] == [
+        (paths[3].name, "generation failed: RuntimeError: bad kernel")
+    ]
+
+
+def _pixels(annotator, path):
+    from florence_cli.decode import decode_image
+
+    return decode_image(str(path), annotator.model.resize_spec)[2]
+
+
+def test_batch_size_auto_on_cpu(florence_model):
+    assert Annotator(florence_model, batch_size="auto").batch_size == 8
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "many"])
+def test_bad_batch_sizes(bad, tmp_path):
+    from click.testing import CliRunner
+
+    from florence_cli.cli import main
+
+    result = CliRunner().invoke(main, ["annotate", str(tmp_path), "-t", "OD", "-b", bad, "-m", str(tmp_path)])
+    assert result.exit_code == 2
