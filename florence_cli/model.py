@@ -124,9 +124,19 @@ class FlorenceModel:
         return self._pixel_lut[channels, batch].to(self.dtype)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected image features (B, image tokens, d_model) — the same call the model makes."""
+        """Projected image features (B, image tokens, d_model) — the same call the model makes.
+
+        On CPU the vision tower sees one image at a time, as in the reference: its convolution
+        kernels round differently with the batch size (by ~1e-6, which flipped beam-search answers
+        of base-size models), while the encoder and decoder are batch-invariant and are batched.
+        """
+        vision = self.model.model.get_image_features
         with torch.inference_mode():
-            return self.model.model.get_image_features(pixel_values).pooler_output
+            if self.device.type == "cpu":
+                return torch.cat(
+                    [vision(pixel_values[i : i + 1]).pooler_output for i in range(len(pixel_values))]
+                )
+            return vision(pixel_values).pooler_output
 
     # -- prompts ------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from PIL import Image
 
 from florence_cli.annotate import Annotator, GenerationSettings
@@ -61,3 +62,14 @@ def test_answers_depend_on_the_image(expected, images):
     """Guard against a tiny model that ignores its input (the equality above would then be empty)."""
     raws = {expected[(p.name, "OD")][0] for p in images}
     assert len(raws) > 1
+
+
+def test_image_features_do_not_depend_on_the_batch(florence_model, images):
+    from florence_cli.decode import decode_image
+
+    pixels = florence_model.pixel_values(
+        [decode_image(str(p), florence_model.resize_spec)[2] for p in images]
+    )
+    batched = florence_model.image_features(pixels)
+    for i in range(len(images)):
+        assert torch.equal(batched[i], florence_model.image_features(pixels[i : i + 1])[0])
