@@ -61,10 +61,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="florence-memory-"))
-    source = scratch / "one.jpg"
-    Image.new("RGB", (96, 64), (120, 30, 200)).save(source)
     folder = scratch / "images"
     for i in range(args.images):
+        source = scratch / f"source{i // 50_000}.jpg"  # a file takes at most 65,000 links
+        if not source.exists():
+            Image.new("RGB", (96, 64), (120, 30, 200)).save(source)
         target = folder / f"{i // 1000:03d}" / f"{i:07d}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
         os.link(source, target)
