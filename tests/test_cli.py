@@ -224,3 +224,24 @@ def test_exif_rotated_image_gets_displayed_size(tiny_model, tmp_path):
     assert _annotate(tiny_model, str(folder), "-t", "OD", "-o", str(out), "--workers", "0").exit_code == 0
     image = json.loads((out / "od.json").read_text())["images"][0]
     assert (image["width"], image["height"]) == (50, 80)
+
+
+def test_hub_id_loads_from_the_offline_cache(tiny_model, folder, tmp_path, monkeypatch):
+    # lay the tiny checkpoint out as the Hugging Face cache stores a downloaded repo
+    cache = tmp_path / "hf-cache" / "hub"
+    repo = cache / "models--someone--tiny-florence"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for file in tiny_model.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    result = _annotate("someone/tiny-florence", str(folder), "-t", "OD", "-o", str(tmp_path / "out"), "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "od.json").read_text())["info"]["model"] == "someone/tiny-florence"
