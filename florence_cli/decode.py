@@ -9,7 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -78,11 +78,15 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _decode_task(path: str, spec: ResizeSpec) -> tuple[int, int, np.ndarray] | str:
+def decode_or_reason(path: str, spec: ResizeSpec) -> tuple[int, int, np.ndarray] | str:
+    """``decode_image``, or the one-line reason it failed: a decoder failure is data, never a crash."""
     try:
         return decode_image(path, spec)
-    except Exception as exc:  # any decoder failure is data, never a crash of the run
+    except Exception as exc:
         return describe_error(exc)
+
+
+Decoder = Callable[[str, ResizeSpec], "tuple[int, int, np.ndarray] | str"]
 
 
 def _result(ref: ImageRef, outcome: tuple[int, int, np.ndarray] | str) -> DecodedImage | DecodeFailure:
@@ -93,7 +97,11 @@ def _result(ref: ImageRef, outcome: tuple[int, int, np.ndarray] | str) -> Decode
 
 
 def decode_stream(
-    refs: Iterable[ImageRef], spec: ResizeSpec, workers: int = 0, prefetch: int = 0
+    refs: Iterable[ImageRef],
+    spec: ResizeSpec,
+    workers: int = 0,
+    prefetch: int = 0,
+    decoder: Decoder = decode_or_reason,
 ) -> Iterator[DecodedImage | DecodeFailure]:
     """Decode ``refs`` in order, with ``workers`` processes (0: in this process).
 
@@ -103,42 +111,53 @@ def decode_stream(
     """
     if workers <= 0:
         for ref in refs:
-            yield _result(ref, _decode_task(ref.path, spec))
+            yield _result(ref, decoder(ref.path, spec))
         return
+    pool = _WorkerPool(spec, workers, decoder)
     window = max(prefetch, 4 * workers)
-    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold CUDA/threads
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
-    pending: deque[tuple[ImageRef, Future]] = deque()
     try:
         for ref in refs:
-            pending.append((ref, pool.submit(_decode_task, ref.path, spec)))
-            while len(pending) >= window:
-                pool = yield from _emit_oldest(pending, pool, spec, workers, context)
-        while pending:
-            pool = yield from _emit_oldest(pending, pool, spec, workers, context)
+            pool.submit(ref)
+            while len(pool.pending) >= window:
+                yield from pool.emit_oldest()
+        while pool.pending:
+            yield from pool.emit_oldest()
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.close()
 
 
-def _emit_oldest(pending, pool, spec, workers, context):
-    ref, future = pending[0]
-    try:
-        outcome = future.result()
-    except BrokenProcessPool:
-        # The pool is gone with everything in flight: isolate each image in a fresh pool.
-        pool.shutdown(wait=False, cancel_futures=True)
-        for ref, _ in list(pending):
-            pending.popleft()
-            yield _isolated(ref, spec, context)
-        return ProcessPoolExecutor(max_workers=workers, mp_context=context)
-    pending.popleft()
-    yield _result(ref, outcome)
-    return pool
+class _WorkerPool:
+    """Decode processes with a queue of in-flight images, replaced whole if a worker dies."""
 
+    def __init__(self, spec: ResizeSpec, workers: int, decoder: Decoder):
+        self.spec, self.workers, self.decoder = spec, workers, decoder
+        self.context = multiprocessing.get_context("spawn")  # never fork a process holding CUDA/threads
+        self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=self.context)
+        self.pending: deque[tuple[ImageRef, Future]] = deque()
 
-def _isolated(ref: ImageRef, spec: ResizeSpec, context) -> DecodedImage | DecodeFailure:
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as solo:
+    def submit(self, ref: ImageRef) -> None:
+        self.pending.append((ref, self.executor.submit(self.decoder, ref.path, self.spec)))
+
+    def emit_oldest(self) -> Iterator[DecodedImage | DecodeFailure]:
+        ref, future = self.pending[0]
         try:
-            return _result(ref, solo.submit(_decode_task, ref.path, spec).result())
+            outcome = future.result()
         except BrokenProcessPool:
-            return DecodeFailure(ref, "decoder process crashed on this file")
+            # Everything in flight went down with the pool: isolate each image in a fresh process.
+            self.close()
+            while self.pending:
+                yield self._isolated(self.pending.popleft()[0])
+            self.executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=self.context)
+            return
+        self.pending.popleft()
+        yield _result(ref, outcome)
+
+    def _isolated(self, ref: ImageRef) -> DecodedImage | DecodeFailure:
+        with ProcessPoolExecutor(max_workers=1, mp_context=self.context) as solo:
+            try:
+                return _result(ref, solo.submit(self.decoder, ref.path, self.spec).result())
+            except BrokenProcessPool:
+                return DecodeFailure(ref, "decoder process crashed on this file")
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

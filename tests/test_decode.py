@@ -101,3 +101,19 @@ def test_open_rgb_matches_reference_convert(tmp_path):
     random_image(4).convert("P").save(path)
     with Image.open(path) as image:
         assert np.array_equal(np.asarray(open_rgb(str(path))), np.asarray(image.convert("RGB")))
+
+
+def test_a_file_that_kills_the_decoder_fails_alone(tmp_path):
+    from .crashing_decoder import crash_on_poison
+
+    paths = []
+    for i in range(6):
+        path = tmp_path / (f"poison{i}.png" if i == 2 else f"{i}.png")
+        random_image(i, size=(24, 24)).save(path)
+        paths.append(path)
+    results = list(decode_stream((_ref(p) for p in paths), SPEC, workers=2, decoder=crash_on_poison))
+    assert [r.ref.name for r in results] == [p.name for p in paths]
+    failures = [r for r in results if isinstance(r, DecodeFailure)]
+    assert [(f.ref.name, f.reason) for f in failures] == [
+        ("poison2.png", "decoder process crashed on this file")
+    ]
