@@ -222,12 +222,16 @@ def expand_prompt(processor, prompt: str) -> str:
 
 
 def _fast_pixels(image_processor) -> tuple[ResizeSpec, torch.Tensor | None]:
-    """Resize in the decode workers and normalise by lookup, when the processor is the standard
-    resize → rescale → normalise; otherwise hand full images to the processor itself."""
+    """Resize in the decode workers and normalise by lookup, when the processor is Pillow's standard
+    resize → rescale → normalise; otherwise (e.g. torchvision's backend, which resizes with other
+    numerics) hand full images to the processor itself, so answers stay the reference's."""
+    from transformers.image_processing_backends import PilBackend
+
     config = image_processor.to_dict()
     size = config.get("size") or {}
     standard = (
-        config.get("do_resize")
+        isinstance(image_processor, PilBackend)
+        and config.get("do_resize")
         and size.get("height")
         and size.get("width")
         and not config.get("do_center_crop")

@@ -73,3 +73,21 @@ def test_image_features_do_not_depend_on_the_batch(florence_model, images):
     batched = florence_model.image_features(pixels)
     for i in range(len(images)):
         assert torch.equal(batched[i], florence_model.image_features(pixels[i : i + 1])[0])
+
+
+def test_processors_we_cannot_mirror_are_called_as_they_are(florence_model, images):
+    """A processor other than Pillow's standard one (here: center-crop on) gets full images."""
+    import copy
+
+    from florence_cli.decode import decode_image
+    from florence_cli.model import FlorenceModel
+
+    processor = copy.deepcopy(florence_model.processor)
+    processor.image_processor.do_center_crop = True
+    processor.image_processor.crop_size = {"height": 96, "width": 96}
+    model = FlorenceModel(florence_model.model, processor, florence_model.device, florence_model.dtype)
+    assert model.resize_spec.size is None
+    with Image.open(images[0]) as image:
+        expected = processor(text="<OD>", images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
+    pixels = model.pixel_values([decode_image(str(images[0]), model.resize_spec)[2]])
+    assert torch.equal(pixels, expected)
