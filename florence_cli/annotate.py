@@ -12,9 +12,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .decode import DecodedImage, decode_image
-from .discover import InputError, discover
+from .discover import ImageRef, InputError, discover
 from .engine import Engine, ItemResult, LocalEngine, batches
 from .jobs import ImageFailure, Job, TaskRequest, WorkItem, parse_requests, plan_jobs
 from .journal import Journal, work_key
@@ -23,6 +24,9 @@ from .parse import Answer, TokenText, parse_answer
 from .postconfig import BANNED_GROUNDING_PHRASES
 from .tasks import resolve_task
 from .writers import JsonlSink, text_path, write_coco, write_text
+
+if TYPE_CHECKING:
+    from .shard import Shard
 
 
 @dataclass(frozen=True)
@@ -196,13 +200,15 @@ class Annotator:
         on_error: Callable[[ImageFailure], None] | None = None,
         progress: bool = False,
         engine: Engine | None = None,
+        shard: Shard | None = None,
     ) -> RunSummary:
         """Annotate every image under ``inputs`` into ``output``, resuming earlier work there.
 
-        ``tasks`` are names (with ``text`` for those that need it) or ready ``TaskRequest``s.
+        ``tasks`` are names (with ``text`` for those that need it) or ready ``TaskRequest``s; ``shard``
+        keeps only its share of the images (``florence merge`` combines the shards' folders).
         """
         requests = tasks if tasks and isinstance(tasks[0], TaskRequest) else parse_requests(list(tasks), text)
-        return Run(self, requests, Path(output), overwrite, jsonl, on_error, progress).execute(
+        return Run(self, requests, Path(output), overwrite, jsonl, on_error, progress, shard).execute(
             inputs, stdin_lines, engine or LocalEngine(self, workers)
         )
 
@@ -214,17 +220,19 @@ class Annotator:
 class Run:
     """One run of the driver: plans work, feeds an engine, journals and writes what comes back."""
 
-    def __init__(self, annotator, requests, output: Path, overwrite, jsonl, on_error, progress):
+    def __init__(self, annotator, requests, output: Path, overwrite, jsonl, on_error, progress, shard=None):
         self.annotator = annotator
         self.requests = requests
         self.output = output
         self.on_error = on_error
+        self.shard = shard
         self.summary = RunSummary()
         self.seen: set[bytes] = set()
         state = output / ".florence"
         if overwrite and state.exists():
             shutil.rmtree(state)
-        _check_settings(state / "settings.json", annotator.settings())
+        shard_setting = {"shard": str(shard)} if shard else {}  # another shard's folder is refused
+        _check_settings(state / "settings.json", {**annotator.settings(), **shard_setting})
         self.journal = Journal(state / "journal.jsonl")
         self.errors = open(output / "errors.jsonl", "w", encoding="utf-8")  # noqa: SIM115
         self.sink = JsonlSink(jsonl) if jsonl else None
@@ -252,6 +260,8 @@ class Run:
     def work(self, inputs, stdin_lines) -> Iterator[WorkItem]:
         """Images with the jobs not yet done on them; images with nothing to do are counted, not sent."""
         for found in discover(inputs, stdin_lines):
+            if self.shard and not self.shard.takes(found.name if isinstance(found, ImageRef) else found.path):
+                continue
             self.summary.images += 1
             if isinstance(found, InputError):
                 self.fail(ImageFailure(found.path, found.reason))

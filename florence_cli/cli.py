@@ -36,6 +36,7 @@ class LazyGroup(click.Group):
         "viz": ".cli_tools:viz",
         "eval": ".cli_tools:eval_command",
         "export": ".cli_tools:export",
+        "merge": ".shard:merge_command",
     },
     context_settings={"help_option_names": ["-h", "--help"]},
 )

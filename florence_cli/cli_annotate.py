@@ -9,6 +9,15 @@ import click
 from .tasks import TaskError
 
 
+def _shard(ctx, param, value: str | None):
+    from .shard import Shard
+
+    try:
+        return Shard.parse(value) if value else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _batch_size(value: str) -> int | str:
     if value == "auto":
         return value
@@ -84,6 +93,32 @@ def _batch_size(value: str) -> int | str:
 )
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (they can run code).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@click.option(
+    "--shard",
+    metavar="I/N",
+    callback=_shard,
+    help="Annotate only shard I of N (0-based), e.g. 3/8; see florence merge.",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Run the model in this process, or on Ray (every GPU of this machine or of a cluster).",
+)
+@click.option(
+    "--ray-address",
+    metavar="ADDRESS",
+    help="--engine ray: join this cluster (auto or HOST:PORT), not a local Ray.",
+)
+@click.option(
+    "--gpu-workers", type=click.IntRange(min=1), help="--engine ray: model replicas (default: one per GPU)."
+)
+@click.option(
+    "--decode-cpus",
+    type=click.IntRange(min=1),
+    help="--engine ray: decode tasks at once (default: spare CPUs).",
+)
 def annotate(inputs: tuple[str, ...], **flags) -> None:
     """Annotate images (files, folders, or - for paths on stdin) with Florence-2 tasks."""
     import os
@@ -99,6 +134,8 @@ def annotate(inputs: tuple[str, ...], **flags) -> None:
         )  # fmt: skip
     except TaskError as exc:
         raise click.UsageError(str(exc)) from None
+    batch_size = _batch_size(flags["batch_size"])
+    _check_engine_flags(flags)
     workers = flags["workers"]
     if workers is None:
         workers = max(0, min(8, (os.cpu_count() or 1) - 1))
@@ -107,29 +144,61 @@ def annotate(inputs: tuple[str, ...], **flags) -> None:
     )
     quiet = flags["quiet"]
     _quiet_libraries(quiet)
-    try:
-        annotator = Annotator(
-            flags["model"] or DEFAULT_MODEL, flags["device"], flags["dtype"],
-            _batch_size(flags["batch_size"]), generation, flags["allow_pickle"], flags["min_score"],
-        )  # fmt: skip
-    except ModelLoadError as exc:
-        raise click.ClickException(str(exc)) from None
+    model = flags["model"] or DEFAULT_MODEL
+    settings = (
+        flags["device"], flags["dtype"], batch_size, generation, flags["allow_pickle"], flags["min_score"]
+    )  # fmt: skip
 
     def report(failure) -> None:
         where = f"{failure.name} [{failure.task}]" if failure.task else failure.name
         _echo_err(f"error: {where}: {failure.reason}")
 
+    common = {
+        "overwrite": flags["overwrite"], "jsonl": flags["jsonl"], "on_error": report, "progress": not quiet,
+        "stdin_lines": sys.stdin if "-" in inputs else (), "shard": flags["shard"],
+    }  # fmt: skip
     try:
-        summary = annotator.run(
-            inputs, flags["output"], requests, workers=workers, overwrite=flags["overwrite"],
-            jsonl=flags["jsonl"], stdin_lines=sys.stdin if "-" in inputs else (), on_error=report,
-            progress=not quiet,
-        )  # fmt: skip
+        if flags["engine"] == "ray":
+            summary = _run_on_ray(inputs, flags, requests, model, settings, common)
+        else:
+            annotator = Annotator(model, *settings)
+            summary = annotator.run(inputs, flags["output"], requests, workers=workers, **common)
+    except ModelLoadError as exc:
+        raise click.ClickException(str(exc)) from None
     except SettingsMismatch as exc:
         raise click.UsageError(str(exc)) from None
     if not quiet:
         click.echo(summary.line(), err=True)
     sys.exit(summary.exit_code)
+
+
+_RAY_FLAGS = ("ray_address", "gpu_workers", "decode_cpus")
+
+
+def _check_engine_flags(flags: dict) -> None:
+    """Ray's flags need --engine ray; --workers (local decode processes) has no meaning there."""
+    if flags["engine"] == "local":
+        for name in _RAY_FLAGS:
+            if flags[name] is not None:
+                raise click.UsageError(f"--{name.replace('_', '-')} needs --engine ray")
+    elif flags["workers"] is not None:
+        raise click.UsageError("--workers is for --engine local; with --engine ray use --decode-cpus")
+
+
+def _run_on_ray(inputs, flags: dict, requests, model: str, settings: tuple, common: dict):
+    """The same run with the model on Ray workers; a missing Ray is one line and exit status 2."""
+    try:
+        from .ray_engine import ModelSpec, RayEngine, RayEngineError, RayOptions
+    except ImportError as exc:
+        error = click.ClickException(f"--engine ray needs Ray Data: pip install 'florence-cli[ray]' ({exc})")
+        error.exit_code = 2
+        raise error from None
+    options = RayOptions(flags["ray_address"], flags["gpu_workers"], flags["decode_cpus"])
+    try:
+        engine = RayEngine(ModelSpec(model, *settings), options)
+        return engine.run(inputs, flags["output"], requests, **common)
+    except RayEngineError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _quiet_libraries(quiet: bool) -> None:

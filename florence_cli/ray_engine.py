@@ -1,0 +1,428 @@
+"""The Ray engine: decode tasks on CPUs, one model replica per GPU, on Ray Data, across a node or a cluster.
+
+The driver is the local one (``annotate.Run``: discovery, journal, writers, errors). This engine
+numbers the work items it is given and hands Ray one row per model batch — the batches a local run
+makes, ``{idx, path, jobs}`` of each image — and yields the results in submission order
+(``Reorder``), so the outputs equal a local run's. A batch that a crash took with it is tried again,
+then its images one at a time; those still missing become ``lost`` errors, which are never journaled,
+so a re-run retries them.
+
+Only ``--engine ray`` imports this module; it imports neither torch nor transformers at the top, so
+decode tasks stay light.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+import socket
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import ray
+import ray.data
+import ray.exceptions
+from ray.data.exceptions import ExecutionTimeoutError
+from ray.util.annotations import RayDeprecationWarning
+
+from .decode import DecodedImage, ResizeSpec, decode_or_reason
+from .engine import ItemResult, batches
+from .jobs import ImageFailure, TaskRequest, WorkItem, parse_requests
+
+if TYPE_CHECKING:
+    from .annotate import Annotator, GenerationSettings, RunSummary
+    from .shard import Shard
+
+LOST = "lost: worker crashed"
+
+
+class RayEngineError(Exception):
+    """The Ray job cannot run as asked; the message is one line for the user."""
+
+
+def _default_generation() -> GenerationSettings:
+    from .annotate import GenerationSettings
+
+    return GenerationSettings()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How every model replica builds its ``Annotator`` (the arguments of ``Annotator()``, picklable).
+
+    The driver never loads the weights; ``annotate.Run`` reads ``model_name`` and ``settings()`` here.
+    """
+
+    model_name: str
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int | str = 8  # or "auto", as for Annotator
+    generation: GenerationSettings = field(default_factory=_default_generation)
+    allow_pickle: bool = False
+    min_score: float | None = None
+
+    def build(self, device: str) -> Annotator:
+        from .annotate import Annotator
+
+        return Annotator(
+            self.model_name, device, self.dtype, self.batch_size, self.generation, self.allow_pickle,
+            self.min_score,
+        )  # fmt: skip
+
+    def settings(self) -> dict:
+        """The settings an ``Annotator`` built from this spec reports (it reads the same attributes)."""
+        from .annotate import Annotator
+
+        return Annotator.settings(self)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How the job uses Ray."""
+
+    address: str | None = None  # None: start Ray on this machine; "auto" or HOST:PORT: join a cluster
+    gpu_workers: int | None = None  # model replicas; default: one per GPU (one on CPUs without GPUs)
+    decode_cpus: int | None = None  # decode tasks at once; default: the CPUs the replicas leave
+    no_progress_timeout_s: float = 600.0  # fail what is left when nothing moves this long
+    max_actor_restarts: int = 4  # per replica: a crash restarts it (and reloads the model) this often
+    reorder_window: int = 4096  # results held back to keep submission order
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How the job sits on the cluster."""
+
+    replicas: int
+    replica_gpus: int  # 1, or 0 for replicas on CPUs
+    replica_cpus: float
+    decode_cpus: int
+    device: str  # what each replica passes to ``Annotator``
+
+
+def plan_placement(nodes: list[dict[str, float]], device: str, options: RayOptions) -> Placement:
+    """Size the job from the alive nodes' resources: one replica per GPU unless told otherwise; on a GPU
+    node a replica never takes the CPU that decoding needs, or decode tasks would wait forever."""
+    if device.startswith("cuda:"):
+        raise RayEngineError("with --engine ray every model replica has one GPU: use --device auto or cuda")
+    cpus = int(sum(node.get("CPU", 0) for node in nodes))
+    gpus = int(sum(node.get("GPU", 0) for node in nodes))
+    on_gpu = gpus > 0 and device != "cpu"
+    if device == "cuda" and not on_gpu:
+        raise RayEngineError("--device cuda asked for, but the Ray cluster has no GPUs")
+    replicas = options.gpu_workers or (gpus if on_gpu else 1)
+    if on_gpu and replicas > gpus:
+        raise RayEngineError(f"{replicas} GPU workers asked for, but the Ray cluster has {gpus} GPUs")
+    if options.decode_cpus and options.decode_cpus > cpus:
+        raise RayEngineError(f"{options.decode_cpus} decode CPUs asked for, but the Ray cluster has {cpus}")
+    if on_gpu:
+        share = min((node.get("CPU", 0) - 1) / node["GPU"] for node in nodes if node.get("GPU", 0) >= 1)
+        replica_cpus = max(0.0, min(1.0, share))
+        decode_cpus = options.decode_cpus or max(1, math.floor(cpus - replicas * replica_cpus))
+        return Placement(replicas, 1, replica_cpus, decode_cpus, device)
+    decode_cpus = options.decode_cpus or replicas
+    if cpus - decode_cpus <= 0:
+        raise RayEngineError(f"no CPU left for the model: the Ray cluster has {cpus}; lower --decode-cpus")
+    return Placement(replicas, 0, (cpus - decode_cpus) / replicas, decode_cpus, "cpu")
+
+
+def driver_resize_spec(model: str, allow_pickle: bool = False) -> ResizeSpec:
+    """The decode stage's resize, from the checkpoint's image-processor settings (no weights loaded)."""
+    from transformers import AutoImageProcessor
+
+    from .model import ModelLoadError, _fast_pixels, model_folder
+
+    folder = model_folder(model, allow_pickle=allow_pickle)
+    try:
+        processor = AutoImageProcessor.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot read the image processor of {folder}: {exc}") from None
+    return _fast_pixels(processor)[0]
+
+
+# -- stages: these run on Ray workers -------------------------------------------------------------------
+# A row is one model batch, the very batch a local run makes (CPU and CUDA kernels round differently with
+# the batch's make-up, so the same batches give the same bytes): lists of idx, path, jobs (pickled).
+
+
+def decode_group(row: dict, spec: ResizeSpec) -> dict:
+    """Decode stage (a CPU task): each image's displayed size and its uint8 pixels at the model's input
+    size (pickled, protocol 5: a plain copy). A bad file gets its reason in ``error``; it never fails
+    the task."""
+    outcomes = [decode_or_reason(str(path), spec) for path in row["path"]]
+    decoded = [(0, 0, None) if isinstance(outcome, str) else outcome for outcome in outcomes]
+    return {
+        "idx": row["idx"], "path": row["path"], "jobs": row["jobs"],
+        "width": [width for width, _, _ in decoded], "height": [height for _, height, _ in decoded],
+        "error": [outcome if isinstance(outcome, str) else "" for outcome in outcomes],
+        "pixels": pickle.dumps([pixels for _, _, pixels in decoded], protocol=5),
+    }  # fmt: skip
+
+
+class ModelStage:
+    """Model stage (an actor, one GPU): loads the model once, answers batches, passes error rows through.
+
+    ``Annotator.answer_batch_safely`` retries a failing batch until only the guilty image fails; an image
+    that makes the model call ``sys.exit`` fails alone too, instead of ending the actor (which Ray Data
+    would wait for forever). On CPU it computes with ``threads`` threads, as a local run does.
+    """
+
+    def __init__(self, spec: ModelSpec, device: str, resize: ResizeSpec, threads: int):
+        import torch
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+        self.annotator = spec.build(device)
+        if self.annotator.model.resize_spec != resize:
+            model_spec = self.annotator.model.resize_spec
+            raise RayEngineError(f"the model resizes to {model_spec}, the driver to {resize}")
+        if self.annotator.model.device.type == "cpu":
+            torch.set_num_threads(threads)  # float sums depend on it; Ray would set the replica's CPU share
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One output row per image of every model batch (input row)."""
+        rows = [
+            self._answer_row({name: column[k] for name, column in batch.items()})
+            for k in range(len(batch["idx"]))
+        ]
+        columns = {
+            name: [value for row in rows for value in row[name]] for name in ("idx", "width", "height")
+        }
+        return {
+            **{name: np.array(values, dtype=np.int64) for name, values in columns.items()},
+            "answers": np.array([value for row in rows for value in row["answers"]], dtype=object),
+            "error": np.array([value for row in rows for value in row["error"]], dtype=object),
+        }
+
+    def _answer_row(self, row: dict) -> dict[str, list]:
+        pixels = pickle.loads(row["pixels"])
+        images: dict[int, DecodedImage] = {}  # by position in the row; failed decodes have no pixels
+        columns = (row["path"], row["jobs"], row["width"], row["height"], pixels)
+        for k, (path, jobs, width, height, image) in enumerate(zip(*columns, strict=True)):
+            if image is not None:
+                ref = WorkItem(str(path), str(path), (), pickle.loads(jobs))
+                images[k] = DecodedImage(ref, int(width), int(height), image)
+        size_now = lambda: self.annotator.batch_size  # noqa: E731 - it shrinks after out-of-memory
+        answered = [
+            outcome for chunk in batches(images.values(), size_now) for outcome in self._answer(chunk)
+        ]
+        outcomes = dict(zip(images, answered, strict=True))
+        answers, errors = [], []
+        for k, error in enumerate(row["error"]):
+            outcome = outcomes.get(k)
+            failed = isinstance(outcome, ImageFailure)
+            answers.append(pickle.dumps(outcome) if outcome is not None and not failed else b"")
+            errors.append(outcome.reason if failed else str(error))
+        return {"idx": row["idx"], "width": row["width"], "height": row["height"], "answers": answers,
+                "error": errors}  # fmt: skip
+
+    def _answer(self, images: list[DecodedImage]) -> list:
+        try:
+            return self.annotator.answer_batch_safely(images)
+        except SystemExit as exc:
+            if len(images) == 1:
+                return [ImageFailure(images[0].ref.name, f"generation tried to end the worker ({exc!r})")]
+            return [outcome for image in images for outcome in self._answer([image])]
+
+
+# -- the driver's side ----------------------------------------------------------------------------------
+class Reorder:
+    """Releases results in submission order, holding at most ``window`` that came early. Past that (a
+    straggler: a batch retried after its worker died) it releases what it holds, and the straggler
+    follows when it comes, so memory stays bounded and nothing waits forever."""
+
+    def __init__(self, window: int):
+        self.window = window
+        self.next = 0
+        self.held: dict[int, ItemResult] = {}
+
+    def add(self, idx: int, result: ItemResult) -> list[ItemResult]:
+        if idx < self.next:
+            return [result]
+        self.held[idx] = result
+        released = []
+        while self.next in self.held:
+            released.append(self.held.pop(self.next))
+            self.next += 1
+        if len(self.held) > self.window:
+            last = max(self.held)
+            released += [self.held.pop(i) for i in sorted(self.held)]
+            self.next = last + 1
+        return released
+
+
+class RayEngine:
+    """Answers work items on Ray Data; ``run`` is ``Annotator.run`` with the model on Ray workers.
+
+    >>> engine = RayEngine(ModelSpec("microsoft/Florence-2-large-ft", batch_size=16))   # doctest: +SKIP
+    >>> engine.run(["/shared/imgs"], "/shared/out", ["OD", "CAPTION"]).line()            # doctest: +SKIP
+    """
+
+    def __init__(self, spec: ModelSpec, options: RayOptions | None = None):
+        self.spec = spec
+        self.options = options or RayOptions()
+        self.resize = driver_resize_spec(spec.model_name, spec.allow_pickle)
+        self.placement: Placement | None = None
+        self.threads = _local_threads()
+        self._started_ray = False
+
+    def run(
+        self,
+        inputs: Iterable[str],
+        output: str | Path,
+        tasks: list[str] | list[TaskRequest],
+        text: str | None = None,
+        overwrite: bool = False,
+        jsonl: str | None = None,
+        stdin_lines: Iterable[str] = (),
+        on_error: Callable[[ImageFailure], None] | None = None,
+        progress: bool = False,
+        shard: Shard | None = None,
+    ) -> RunSummary:
+        """Annotate every image under ``inputs`` into ``output``, as ``Annotator.run`` does."""
+        from .annotate import Run
+
+        requests = tasks if tasks and isinstance(tasks[0], TaskRequest) else parse_requests(list(tasks), text)
+        try:
+            self.connect()
+            run = Run(self.spec, requests, Path(output), overwrite, jsonl, on_error, progress, shard)
+            return run.execute(inputs, stdin_lines, self)
+        finally:
+            self.close()
+
+    def connect(self) -> Placement:
+        """Join the cluster (or start Ray here) and size the job; idempotent."""
+        if self.placement:
+            return self.placement
+        if not ray.is_initialized():
+            address = self.options.address
+            local = {} if address else {"include_dashboard": False}
+            try:
+                _check_reachable(address)
+                ray.init(address=address or "local", logging_level=logging.ERROR, **local)
+            except (OSError, RuntimeError, ValueError) as exc:
+                raise RayEngineError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+            self._started_ray = True
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        self.placement = plan_placement(nodes, self.spec.device, self.options)
+        return self.placement
+
+    def close(self) -> None:
+        """Leave Ray (stopping it when this engine started it)."""
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+        self.placement = None
+
+    def results(self, items: Iterable[WorkItem]) -> Iterator[list[ItemResult]]:
+        placement = self.connect()
+        work = list(items)
+        outstanding = set(range(len(work)))
+        order = Reorder(self.options.reorder_window)
+        size = _batch_size(self.spec.batch_size, placement)
+        reason = LOST
+        for alone in (False, True):  # the model batches; then the images of those a crash lost, alone
+            if not outstanding:
+                break
+            rows = _rows(work, sorted(outstanding), 1 if alone else size)
+            try:
+                for batch in self._dataset(rows, placement, alone).iter_batches(
+                    batch_size=None, batch_format="numpy"
+                ):
+                    released = []
+                    for idx, result in _item_results(batch, work):
+                        if idx in outstanding:  # a retried batch may come twice; keep the first
+                            outstanding.discard(idx)
+                            released += order.add(idx, result)
+                    if released:
+                        yield released
+            except ExecutionTimeoutError:
+                reason = f"lost: no progress for {self.options.no_progress_timeout_s:g} s"
+                break
+            except ray.exceptions.ActorDiedError as exc:  # its __init__ failed: every replica would
+                last_line = str(exc).strip().splitlines()[-1]
+                raise RayEngineError(f"a model replica could not start: {last_line}") from None
+        lost: list[ItemResult] = []
+        for idx in sorted(outstanding):
+            lost += order.add(idx, ItemResult(work[idx], failure=ImageFailure(work[idx].name, reason)))
+        if lost:
+            yield lost
+
+    def _dataset(self, rows: list[dict], placement: Placement, alone: bool) -> ray.data.Dataset:
+        """Decode tasks → model actors, a row (a model batch) per block. One call in flight per replica,
+        so a crash takes no other batch with it; a crashed batch is tried once more, unless ``alone``."""
+        dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
+        context = dataset.context
+        context.enable_progress_bars = False  # the driver shows its own
+        context.max_errored_blocks = -1  # a block whose worker crashed is reconciled, not fatal
+        context.execution_no_progress_timeout_s = self.options.no_progress_timeout_s
+        pool = ray.data.ActorPoolStrategy(
+            size=min(placement.replicas, len(rows)), max_tasks_in_flight_per_actor=1
+        )
+        with warnings.catch_warnings():  # Ray 2.60 deprecates these retry arguments but has no replacement
+            warnings.simplefilter("ignore", RayDeprecationWarning)
+            decoded = dataset.map(
+                decode_group, fn_kwargs={"spec": self.resize}, num_cpus=1, max_retries=1,
+                compute=ray.data.TaskPoolStrategy(size=placement.decode_cpus),
+            )  # fmt: skip
+            return decoded.map_batches(
+                ModelStage, fn_constructor_kwargs={"spec": self.spec, "device": placement.device,
+                "resize": self.resize, "threads": self.threads}, batch_size=1, batch_format="numpy",
+                compute=pool,
+                num_gpus=placement.replica_gpus, num_cpus=placement.replica_cpus,
+                max_restarts=self.options.max_actor_restarts, max_task_retries=0 if alone else 1,
+            )  # fmt: skip
+
+
+def _check_reachable(address: str | None) -> None:
+    """Fail in seconds on a HOST:PORT nobody listens on (``ray.init`` retries for minutes)."""
+    host, _, port = (address or "").rpartition(":")
+    if host and port.isdigit():
+        socket.create_connection((host, int(port)), timeout=10).close()
+
+
+def _rows(work: list[WorkItem], indices: list[int], size: int) -> list[dict]:
+    """The rows Ray gets: one per model batch of ``size`` images, in submission order."""
+    rows = []
+    for start in range(0, len(indices), size):
+        chunk = indices[start : start + size]
+        rows.append({
+            "idx": chunk, "path": [work[i].path for i in chunk],
+            "jobs": [pickle.dumps(work[i].jobs) for i in chunk],
+        })  # fmt: skip
+    return rows
+
+
+def _batch_size(batch_size: int | str, placement: Placement) -> int:
+    """Images per model batch; ``auto`` as ``Annotator`` resolves it (its out-of-memory halving goes on
+    in each replica)."""
+    from .annotate import AUTO_CUDA_BATCH
+
+    if batch_size != "auto":
+        return int(batch_size)
+    return AUTO_CUDA_BATCH if placement.replica_gpus else 8
+
+
+def _local_threads() -> int:
+    """The CPU threads a local run computes with (CPU replicas use as many, for the same bytes)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _item_results(batch: dict[str, np.ndarray], work: list[WorkItem]) -> Iterator[tuple[int, ItemResult]]:
+    for idx, width, height, answers, error in zip(
+        batch["idx"], batch["width"], batch["height"], batch["answers"], batch["error"], strict=True
+    ):
+        item = work[int(idx)]
+        size = {"width": int(width), "height": int(height)}
+        if error:
+            yield int(idx), ItemResult(item, **size, failure=ImageFailure(item.name, str(error)))
+        else:
+            yield int(idx), ItemResult(item, **size, answers=pickle.loads(answers))

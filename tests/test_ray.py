@@ -1,0 +1,306 @@
+"""The Ray engine on one simulated cluster (2 CPUs, 2 declared GPUs): the same files as a local run,
+nothing lost and nothing twice when replicas crash, exit or are killed, or when the driver is."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from florence_cli.cli import main
+
+from .conftest import MAX_NEW_TOKENS, write_images
+from .helpers import read_jsonl
+
+TASKS = ["OD", "CAPTION"]
+BATCH = 3
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    """The files a run leaves for its user (the journal and the errors log aside)."""
+    files = [
+        p for p in out.rglob("*") if p.is_file() and ".florence" not in p.parts and p.name != "errors.jsonl"
+    ]
+    return {str(p.relative_to(out)): p.read_bytes() for p in files}
+
+
+# -- a replica that reports itself and fails on named files, for the tests --------------------------
+def _probe_spec_class():
+    from florence_cli.ray_engine import ModelSpec
+
+    @dataclass(frozen=True)
+    class ProbeSpec(ModelSpec):
+        """Each replica writes {pid, CUDA_VISIBLE_DEVICES, node} to ``probe_dir``; a batch holding
+        ``crash.png`` kills its process, one holding ``exit.png`` calls ``sys.exit(0)``."""
+
+        probe_dir: str = ""
+
+        def build(self, device):
+            import ray
+
+            annotator = super().build(device)
+            record = {
+                "pid": os.getpid(),
+                "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "node": ray.get_runtime_context().get_node_id(),
+            }
+            Path(self.probe_dir, f"{os.getpid()}.json").write_text(json.dumps(record))
+            answer = annotator.answer_batch_safely
+
+            def faulty(images):
+                names = {Path(image.ref.path).name for image in images}
+                if "crash.png" in names:
+                    os._exit(1)
+                if "exit.png" in names:
+                    sys.exit(0)
+                return answer(images)
+
+            annotator.answer_batch_safely = faulty
+            return annotator
+
+    return ProbeSpec
+
+
+# -- fixtures: one Ray cluster, one input folder, one local run to compare with ----------------------
+@pytest.fixture(scope="module")
+def cluster():
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2})
+    ray.init(address=cluster.address, logging_level="ERROR")
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    images = tmp_path_factory.mktemp("ray-inputs") / "imgs"
+    write_images(images, 8)
+    write_images(images / "sub", 4, start_seed=20, ext="jpg")
+    (images / "junk.png").write_bytes(b"not an image")
+    return images
+
+
+@pytest.fixture(scope="module")
+def local_runs(tiny_model, folder, tmp_path_factory):
+    """The local run to compare with, at a batch size (answers' float scores depend on the batches)."""
+    from florence_cli.annotate import Annotator, GenerationSettings
+
+    runs: dict[int, Path] = {}
+
+    def run(batch_size: int) -> Path:
+        if batch_size not in runs:
+            out = tmp_path_factory.mktemp("local") / "out"
+            generation = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
+            annotator = Annotator(str(tiny_model), device="cpu", batch_size=batch_size, generation=generation)
+            annotator.run([str(folder)], out, TASKS, jsonl=str(out.parent / "answers.jsonl"))
+            runs[batch_size] = out
+        return runs[batch_size]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def local_run(local_runs) -> Path:
+    return local_runs(BATCH)
+
+
+def _engine(tiny_model, probe_dir: Path, **options):
+    from florence_cli.annotate import GenerationSettings
+    from florence_cli.ray_engine import RayEngine, RayOptions
+
+    probe_dir.mkdir(exist_ok=True)
+    spec = _probe_spec_class()(
+        str(tiny_model), batch_size=BATCH, generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS),
+        probe_dir=str(probe_dir),
+    )  # fmt: skip
+    return RayEngine(spec, RayOptions(**{"no_progress_timeout_s": 30, **options}))
+
+
+def _probes(probe_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(probe_dir.glob("*.json"))]
+
+
+def _raw_answers(out: Path) -> dict[tuple[str, str], str]:
+    """Each (image, task)'s generated text: the same whatever the batches."""
+    return {(r["file"], r["task"]): r["raw"] for r in read_jsonl(out / ".florence" / "journal.jsonl")}
+
+
+# -- the tests -------------------------------------------------------------------------------------
+def test_same_files_as_local_one_replica_per_gpu(cluster, tiny_model, folder, local_run, tmp_path):
+    out = tmp_path / "out"
+    engine = _engine(tiny_model, tmp_path / "probes")
+    summary = engine.run([str(folder)], out, TASKS, jsonl=str(tmp_path / "answers.jsonl"))
+    assert (summary.annotated, summary.failed) == (12, 1)
+    assert _files(out) == _files(local_run)
+    assert (tmp_path / "answers.jsonl").read_bytes() == (local_run.parent / "answers.jsonl").read_bytes()
+    assert read_jsonl(out / "errors.jsonl") == [{"file": "junk.png", "error": "not a readable image"}]
+    assert sorted(p["cuda"] for p in _probes(tmp_path / "probes")) == ["0", "1"]
+
+
+def test_a_killed_replica_loses_nothing_and_doubles_nothing(cluster, tiny_model, folder, local_run, tmp_path):
+    engine = _engine(tiny_model, tmp_path / "probes")
+    stream = engine.results
+
+    killed = []
+
+    def kill_after_first(items):
+        for results in stream(items):
+            if not killed:
+                killed.append(_probes(tmp_path / "probes")[0]["pid"])
+                os.kill(killed[0], signal.SIGKILL)
+            yield results
+
+    engine.results = kill_after_first
+    out = tmp_path / "out"
+    summary = engine.run([str(folder)], out, TASKS)
+    assert (summary.annotated, summary.failed) == (12, 1)
+    assert _files(out) == _files(local_run)
+    journal = read_jsonl(out / ".florence" / "journal.jsonl")
+    assert len(journal) == len({r["key"] for r in journal}) == 12 * len(TASKS)
+    with pytest.raises(ProcessLookupError):
+        os.kill(killed[0], 0)  # it was a replica, and it is gone
+
+
+def test_a_file_that_crashes_or_exits_the_worker_fails_alone(
+    cluster, tiny_model, folder, local_run, tmp_path
+):
+    inputs = tmp_path / "imgs"
+    shutil.copytree(folder, inputs)
+    shutil.copy(folder / "img00.png", inputs / "crash.png")
+    shutil.copy(folder / "img01.png", inputs / "exit.png")
+    out = tmp_path / "out"
+    summary = _engine(tiny_model, tmp_path / "probes").run([str(inputs)], out, TASKS)
+    assert (summary.annotated, summary.failed) == (12, 3)
+    errors = {e["file"]: e["error"] for e in read_jsonl(out / "errors.jsonl")}
+    assert errors["crash.png"] == "lost: worker crashed"
+    assert errors["exit.png"].startswith("generation tried to end the worker")
+    assert _files(out).keys() == _files(local_run).keys()  # new batches: float scores may differ
+    assert _raw_answers(out) == _raw_answers(local_run)
+    journaled = {r["file"] for r in read_jsonl(out / ".florence" / "journal.jsonl")}
+    assert "crash.png" not in journaled and "exit.png" not in journaled  # a re-run retries them
+
+
+def test_a_stalled_job_ends_and_reports_what_is_left(cluster, tiny_model, folder, tmp_path):
+    inputs = tmp_path / "imgs"
+    write_images(inputs, 4)
+    shutil.copy(folder / "img00.png", inputs / "crash.png")  # the first batch: its replica dies for good
+    engine = _engine(
+        tiny_model, tmp_path / "probes", gpu_workers=1, max_actor_restarts=0, no_progress_timeout_s=3
+    )
+    summary = engine.run([str(inputs)], tmp_path / "out", ["CAPTION"])
+    assert summary.annotated + summary.failed == 5  # it ended, and every image is accounted for
+    errors = {e["file"]: e["error"] for e in read_jsonl(tmp_path / "out" / "errors.jsonl")}
+    assert "crash.png" in errors and set(errors.values()) == {"lost: no progress for 3 s"}
+
+
+def _cli(model, folder, out, address):
+    tasks = [arg for task in TASKS for arg in ("-t", task)]
+    return [sys.executable, "-m", "florence_cli", "annotate", str(folder), *tasks, "-m", str(model),
+            "-o", str(out), "-b", "1", "-q", "--max-new-tokens", str(MAX_NEW_TOKENS),
+            "--engine", "ray", "--ray-address", address]  # fmt: skip
+
+
+def test_driver_killed_then_resumed_gives_the_uninterrupted_files(
+    cluster, tiny_model, folder, local_runs, tmp_path
+):
+    out = tmp_path / "out"
+    command = _cli(tiny_model, folder, out, cluster.address)
+    process = subprocess.Popen(command, stderr=subprocess.PIPE)
+    journal = out / ".florence" / "journal.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if journal.exists() and journal.read_bytes().count(b"\n") >= 4:
+            break
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert 0 < journal.read_bytes().count(b"\n") < 12 * len(TASKS), "the kill must land mid-run"
+    rerun = subprocess.run(command, capture_output=True, text=True)
+    assert rerun.returncode == 1, rerun.stderr  # junk.png
+    assert _files(out) == _files(local_runs(1))  # batches of one: a resumed run makes the same batches
+
+
+def test_a_two_node_cluster_gives_the_same_files(cluster, tiny_model, folder, local_run, tmp_path):
+    node = cluster.add_node(num_cpus=1, num_gpus=1)
+    cluster.wait_for_nodes()
+    try:
+        out = tmp_path / "out"
+        _engine(tiny_model, tmp_path / "probes", gpu_workers=3).run([str(folder)], out, TASKS)
+        assert _files(out) == _files(local_run)
+        assert len({p["node"] for p in _probes(tmp_path / "probes")}) == 2
+    finally:
+        cluster.remove_node(node)
+
+
+def test_placement_leaves_decoding_a_cpu():
+    pytest.importorskip("ray")
+    from florence_cli.ray_engine import Placement, RayEngineError, RayOptions, plan_placement
+
+    gpu_node = {"CPU": 16, "GPU": 4}
+    assert plan_placement([gpu_node], "auto", RayOptions()) == Placement(4, 1, 1.0, 12, "auto")
+    assert plan_placement([{"CPU": 2, "GPU": 2}], "auto", RayOptions()) == Placement(2, 1, 0.5, 1, "auto")
+    assert plan_placement([gpu_node], "auto", RayOptions(gpu_workers=2, decode_cpus=3)).replicas == 2
+    assert plan_placement([{"CPU": 8}], "auto", RayOptions()) == Placement(1, 0, 7.0, 1, "cpu")
+    assert plan_placement([gpu_node], "cpu", RayOptions(gpu_workers=2)) == Placement(2, 0, 7.0, 2, "cpu")
+    for nodes, device, options, message in [
+        ([gpu_node], "auto", RayOptions(gpu_workers=5), "has 4 GPUs"),
+        ([{"CPU": 8}], "cuda", RayOptions(), "no GPUs"),
+        ([gpu_node], "cuda:1", RayOptions(), "one GPU"),
+        ([{"CPU": 2}], "auto", RayOptions(decode_cpus=2), "no CPU left"),
+    ]:
+        with pytest.raises(RayEngineError, match=message):
+            plan_placement(nodes, device, options)
+
+
+def test_reorder_keeps_submission_order_within_its_window():
+    pytest.importorskip("ray")
+    from florence_cli.ray_engine import Reorder
+
+    order = Reorder(window=2)
+    assert [order.add(i, i) for i in (1, 0, 2)] == [[], [0, 1], [2]]
+    assert [order.add(i, i) for i in (4, 5, 6)] == [[], [], [4, 5, 6]]  # 3 is late: stop waiting
+    assert order.add(3, 3) == [3] and order.add(7, 7) == [7]
+
+
+def test_ray_flags_need_the_ray_engine(tmp_path, folder):
+    for args, message in [
+        (["--gpu-workers", "2"], "--gpu-workers needs --engine ray"),
+        (["--engine", "ray", "--workers", "2"], "use --decode-cpus"),
+        (["--shard", "3/3"], "0 <= I < N"),
+    ]:
+        result = CliRunner().invoke(main, ["annotate", str(folder), "-t", "OD", "-m", str(tmp_path), *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_engine_ray_without_ray_is_one_line_and_exit_2(tiny_model, folder, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "florence_cli.ray_engine", raising=False)
+    result = CliRunner().invoke(
+        main, ["annotate", str(folder), "-t", "OD", "-m", str(tiny_model), "--engine", "ray"]
+    )
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and "pip install 'florence-cli[ray]'" in result.output
+
+
+def test_the_local_engine_never_imports_ray(tiny_model, tmp_path):
+    write_images(tmp_path / "one", 1)
+    argv = ["annotate", str(tmp_path / "one"), "-t", "CAPTION", "-m", str(tiny_model),
+            "-o", str(tmp_path / "o"), "--max-new-tokens", "4", "-q", "--workers", "0"]  # fmt: skip
+    code = (
+        f"import sys\nfrom florence_cli.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit as e:\n"
+    )
+    code += "    print(e.code, 'ray' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["0", "False"], result.stderr
