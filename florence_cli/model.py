@@ -157,8 +157,8 @@ class FlorenceModel:
         generation: dict[str, Any],
         with_scores: bool = False,
     ) -> list[Generated]:
-        """Generate one answer per (image features, prompt) row."""
-        model = self.model
+        """Generate one answer per (image features, prompt) row; ``with_scores`` adds the model's
+        log-probability of each generated token (see ``token_logprobs``)."""
         ids = [self.prompt_ids(p) for p in prompts]
         length = max(len(i) for i in ids)
         pad = self.tokenizer.pad_token_id
@@ -167,29 +167,42 @@ class FlorenceModel:
             [[1] * len(i) + [0] * (length - len(i)) for i in ids], device=self.device
         )
         with torch.inference_mode():
-            embeds = model.get_input_embeddings()(input_ids)
-            image_mask = model.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
-            embeds = embeds.masked_scatter(image_mask, features.to(embeds.device, embeds.dtype))
-            encoder_outputs = model.model.language_model.encoder(
-                attention_mask=attention_mask, inputs_embeds=embeds
+            encoder_outputs = self._encode(input_ids, attention_mask, features)
+            output = self.model.generate(
+                encoder_outputs=encoder_outputs, attention_mask=attention_mask, **generation
             )
-            output = model.generate(
-                encoder_outputs=encoder_outputs,
-                attention_mask=attention_mask,
-                return_dict_in_generate=True,
-                output_scores=with_scores,
-                **generation,
-            )
-        sequences = output.sequences.tolist()
-        logprobs = _token_logprobs(model, output) if with_scores else None
         eos = self.tokenizer.eos_token_id
         results = []
-        for row, sequence in enumerate(sequences):
+        for row, sequence in enumerate(output.tolist()):
             sequence = _until_eos(sequence, eos)
             text = self.tokenizer.decode(sequence, skip_special_tokens=False)
-            scores = logprobs[row][: len(sequence) - 1] if logprobs is not None else []
+            scores = self.token_logprobs(ids[row], features[row : row + 1], sequence) if with_scores else []
             results.append(Generated(sequence, text, scores))
         return results
+
+    def token_logprobs(
+        self, prompt_ids: list[int], features: torch.Tensor, sequence: list[int]
+    ) -> list[float]:
+        """log p(token | image, prompt, tokens before it) for each token of ``sequence`` after the start.
+
+        One teacher-forced pass for this image alone: the figures do not depend on which images shared
+        its batch, so scores are as reproducible as the answers (generation's own beam scores are not).
+        """
+        input_ids = torch.tensor([prompt_ids], device=self.device)
+        tokens = torch.tensor([sequence], device=self.device)
+        with torch.inference_mode():
+            encoder_outputs = self._encode(input_ids, torch.ones_like(input_ids), features)
+            logits = self.model(encoder_outputs=encoder_outputs, decoder_input_ids=tokens[:, :-1]).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1:, None])
+        return logprobs.flatten().tolist()
+
+    def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, features: torch.Tensor):
+        """The language encoder over prompt tokens with the image features in the ``<image>`` slots."""
+        model = self.model
+        embeds = model.get_input_embeddings()(input_ids)
+        image_mask = model.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
+        embeds = embeds.masked_scatter(image_mask, features.to(embeds.device, embeds.dtype))
+        return model.model.language_model.encoder(attention_mask=attention_mask, inputs_embeds=embeds)
 
 
 def _until_eos(sequence: list[int], eos: int) -> list[int]:
@@ -199,13 +212,6 @@ def _until_eos(sequence: list[int], eos: int) -> list[int]:
         return sequence[: sequence.index(eos, 1) + 1]
     except ValueError:
         return sequence
-
-
-def _token_logprobs(model, output) -> list[list[float]]:
-    transition = model.compute_transition_scores(
-        output.sequences, output.scores, getattr(output, "beam_indices", None), normalize_logits=False
-    )
-    return transition.float().cpu().tolist()
 
 
 def expand_prompt(processor, prompt: str) -> str:

@@ -6,11 +6,12 @@ half-written file and a crash never leaves one.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -78,6 +79,13 @@ def coco_annotation(instance: dict) -> dict:
     return annotation
 
 
+def _by_image(records: Iterable[dict]) -> Iterator[tuple[int, list[dict]]]:
+    """Consecutive records of the same image, numbered from 1."""
+    grouped = itertools.groupby(records, key=lambda record: record["file"])
+    for image_id, (_, group) in enumerate(grouped, start=1):
+        yield image_id, list(group)
+
+
 def _category(instance: dict) -> str:
     """An instance's category: the class it was asked for, else its label."""
     return instance.get("category") or instance["label"]
@@ -100,7 +108,8 @@ def write_coco(
     order each time it is called (it is read twice, so nothing is held in memory).
 
     Categories are the given names in that order, or else every label seen, sorted, so their ids do
-    not depend on the order in which answers arrived.
+    not depend on the order in which answers arrived. Several records of one image (one query per
+    class) make one image entry.
     """
     if categories is None:
         categories = sorted({_category(i) for r in records() for i in r["instances"]})
@@ -108,17 +117,18 @@ def write_coco(
     annotation_id = 0
     with atomic_writer(path) as file:
         file.write('{"info": ' + json.dumps(info, ensure_ascii=False) + ', "images": [')
-        for image_id, record in enumerate(records(), start=1):
+        for image_id, group in _by_image(records()):
+            first = group[0]
             image = {
                 "id": image_id,
-                "file_name": record["file"],
-                "width": record["width"],
-                "height": record["height"],
+                "file_name": first["file"],
+                "width": first["width"],
+                "height": first["height"],
             }
             file.write((", " if image_id > 1 else "") + json.dumps(image, ensure_ascii=False))
         file.write('], "annotations": [')
-        for image_id, record in enumerate(records(), start=1):
-            for instance in record["instances"]:
+        for image_id, group in _by_image(records()):
+            for instance in (i for record in group for i in record["instances"]):
                 if _category(instance) not in category_ids:
                     continue
                 annotation_id += 1

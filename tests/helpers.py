@@ -32,22 +32,3 @@ def assert_same_answer(ours, theirs, where: str = "") -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def assert_same_records(ours: list[dict], theirs: list[dict]) -> None:
-    """JSONL records equal, but for scores: float sums over a batch may differ in the last bits."""
-    import pytest
-
-    assert len(ours) == len(theirs)
-    for a, b in zip(ours, theirs, strict=True):
-        assert a["raw"] == b["raw"]
-        strip = {k: v for k, v in a.items() if k != "result"}
-        assert strip == {k: v for k, v in b.items() if k != "result"}
-        if isinstance(a["result"], dict):
-            for key, value in a["result"].items():
-                if key.endswith("scores"):
-                    assert value == pytest.approx(b["result"][key], rel=1e-4)
-                else:
-                    assert value == b["result"][key]
-        else:
-            assert a["result"] == b["result"]

@@ -154,7 +154,7 @@ def test_other_settings_in_the_same_output_folder_are_refused(tiny_model, folder
 
 def _cli(model, folder, out, *extra):
     return [sys.executable, "-m", "florence_cli", "annotate", str(folder), "-t", "OD", "-t", "CAPTION",
-            "-m", str(model), "--device", "cpu", "-o", str(out), "-b", "1", "--workers", "1", "-q",
+            "-m", str(model), "--device", "cpu", "-o", str(out), "-b", "3", "--workers", "1", "-q",
             "--max-new-tokens", str(MAX_NEW_TOKENS), *extra]  # fmt: skip
 
 

@@ -44,7 +44,7 @@ def annotator(florence_model):
     from florence_cli.annotate import Annotator, GenerationSettings
 
     return Annotator(
-        florence_model, batch_size=1, generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
+        florence_model, batch_size=3, generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
     )
 
 

@@ -68,6 +68,7 @@ def test_classes_give_one_query_each_and_exactly_those_categories(tiny_model, re
     assert result.exit_code == 0
     coco = json.loads((tmp_path / "out" / "open_vocabulary_detection.json").read_text())
     assert [c["name"] for c in coco["categories"]] == classes
+    assert [i["file_name"] for i in coco["images"]] == [p.name for p in images]  # one entry per image
     assert len(records) == len(images) * len(classes)
     by_query = {(r["file"], r["text"]): r for r in records}
     path = images[1]
