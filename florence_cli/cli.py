@@ -66,6 +66,7 @@ def convert(source: str, destination: str, allow_pickle: bool) -> None:
     from .model import ModelLoadError, model_folder
     from .original import OriginalCheckpointError, convert_checkpoint, is_original_layout
 
+    quiet_libraries(quiet=False)
     try:
         folder = model_folder(source, allow_pickle=allow_pickle)
         if not is_original_layout(folder):
@@ -82,4 +83,17 @@ def make_tiny_model(folder: str, seed: int) -> None:
     """Write a tiny random-weight Florence-2 checkpoint (a few MB) for offline smoke tests."""
     from .tiny import make_tiny_model as build
 
+    quiet_libraries(quiet=True)
     click.echo(str(build(folder, seed=seed)))
+
+
+def quiet_libraries(quiet: bool) -> None:
+    """Keep transformers' per-load progress bars and advice off stderr; stderr is for our progress."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()

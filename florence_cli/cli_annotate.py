@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from .cli import quiet_libraries
 from .tasks import TaskError
 
 
@@ -143,7 +144,7 @@ def annotate(inputs: tuple[str, ...], **flags) -> None:
         flags["num_beams"], flags["max_new_tokens"], flags["no_repeat_ngram_size"]
     )
     quiet = flags["quiet"]
-    _quiet_libraries(quiet)
+    quiet_libraries(quiet)
     model = flags["model"] or DEFAULT_MODEL
     settings = (
         flags["device"], flags["dtype"], batch_size, generation, flags["allow_pickle"], flags["min_score"]
@@ -199,18 +200,6 @@ def _run_on_ray(inputs, flags: dict, requests, model: str, settings: tuple, comm
         return engine.run(inputs, flags["output"], requests, **common)
     except RayEngineError as exc:
         raise click.ClickException(str(exc)) from None
-
-
-def _quiet_libraries(quiet: bool) -> None:
-    """Keep transformers' per-load progress bars and advice off stderr; stderr is for our progress."""
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    if quiet:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
 
 
 def _echo_err(message: str) -> None:
