@@ -32,3 +32,29 @@ def assert_same_answer(ours, theirs, where: str = "") -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def output_files(out: Path) -> dict[str, bytes]:
+    """The files a run leaves for its user: everything but its state folder and the errors log."""
+    files = [
+        p for p in out.rglob("*") if p.is_file() and ".florence" not in p.parts and p.name != "errors.jsonl"
+    ]
+    return {str(p.relative_to(out)): p.read_bytes() for p in files}
+
+
+def kill_mid_run(command: list[str], journal: Path, min_lines: int) -> int:
+    """Start ``command``, ``kill -9`` it once its journal holds ``min_lines`` lines; return how many."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    process = subprocess.Popen(command, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if journal.exists() and journal.read_bytes().count(b"\n") >= min_lines:
+            break
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    return journal.read_bytes().count(b"\n")

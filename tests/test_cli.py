@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from PIL import Image
 from florence_cli.cli import main
 
 from .conftest import MAX_NEW_TOKENS, random_image, write_images
-from .helpers import read_jsonl
+from .helpers import kill_mid_run, output_files, read_jsonl
 
 
 def _annotate(model, *args, input=None):
@@ -158,32 +155,16 @@ def _cli(model, folder, out, *extra):
             "--max-new-tokens", str(MAX_NEW_TOKENS), *extra]  # fmt: skip
 
 
-def _outputs(out: Path) -> dict[str, bytes]:
-    files = [
-        p for p in out.rglob("*") if p.is_file() and ".florence" not in p.parts and p.name != "errors.jsonl"
-    ]
-    return {str(p.relative_to(out)): p.read_bytes() for p in files}
-
-
 def test_kill_9_then_rerun_gives_the_uninterrupted_output(tiny_model, tmp_path):
     folder = tmp_path / "many"
     write_images(folder, 24)
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     subprocess.run(_cli(tiny_model, folder, clean), check=True, capture_output=True)
-    process = subprocess.Popen(_cli(tiny_model, folder, killed), stderr=subprocess.PIPE)
-    journal = killed / ".florence" / "journal.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if journal.exists() and journal.read_bytes().count(b"\n") >= 6:
-            break
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    done_before = journal.read_bytes().count(b"\n")
+    done_before = kill_mid_run(_cli(tiny_model, folder, killed), killed / ".florence" / "journal.jsonl", 6)
     assert 0 < done_before < 48, "the kill must land mid-run"
     rerun = subprocess.run(_cli(tiny_model, folder, killed), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
-    assert _outputs(killed) == _outputs(clean)
+    assert output_files(killed) == output_files(clean)
 
 
 def test_help_does_not_import_torch():

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,18 +18,10 @@ from click.testing import CliRunner
 from florence_cli.cli import main
 
 from .conftest import MAX_NEW_TOKENS, write_images
-from .helpers import read_jsonl
+from .helpers import kill_mid_run, output_files, read_jsonl
 
 TASKS = ["OD", "CAPTION"]
 BATCH = 3
-
-
-def _files(out: Path) -> dict[str, bytes]:
-    """The files a run leaves for its user (the journal and the errors log aside)."""
-    files = [
-        p for p in out.rglob("*") if p.is_file() and ".florence" not in p.parts and p.name != "errors.jsonl"
-    ]
-    return {str(p.relative_to(out)): p.read_bytes() for p in files}
 
 
 # -- a replica that reports itself and fails on named files, for the tests --------------------------
@@ -143,7 +134,7 @@ def test_same_files_as_local_one_replica_per_gpu(cluster, tiny_model, folder, lo
     engine = _engine(tiny_model, tmp_path / "probes")
     summary = engine.run([str(folder)], out, TASKS, jsonl=str(tmp_path / "answers.jsonl"))
     assert (summary.annotated, summary.failed) == (12, 1)
-    assert _files(out) == _files(local_run)
+    assert output_files(out) == output_files(local_run)
     assert (tmp_path / "answers.jsonl").read_bytes() == (local_run.parent / "answers.jsonl").read_bytes()
     assert read_jsonl(out / "errors.jsonl") == [{"file": "junk.png", "error": "not a readable image"}]
     assert sorted(p["cuda"] for p in _probes(tmp_path / "probes")) == ["0", "1"]
@@ -166,7 +157,7 @@ def test_a_killed_replica_loses_nothing_and_doubles_nothing(cluster, tiny_model,
     out = tmp_path / "out"
     summary = engine.run([str(folder)], out, TASKS)
     assert (summary.annotated, summary.failed) == (12, 1)
-    assert _files(out) == _files(local_run)
+    assert output_files(out) == output_files(local_run)
     journal = read_jsonl(out / ".florence" / "journal.jsonl")
     assert len(journal) == len({r["key"] for r in journal}) == 12 * len(TASKS)
     with pytest.raises(ProcessLookupError):
@@ -186,7 +177,7 @@ def test_a_file_that_crashes_or_exits_the_worker_fails_alone(
     errors = {e["file"]: e["error"] for e in read_jsonl(out / "errors.jsonl")}
     assert errors["crash.png"] == "lost: worker crashed"
     assert errors["exit.png"].startswith("generation tried to end the worker")
-    assert _files(out).keys() == _files(local_run).keys()  # new batches: float scores may differ
+    assert output_files(out).keys() == output_files(local_run).keys()  # new batches: float scores may differ
     assert _raw_answers(out) == _raw_answers(local_run)
     journaled = {r["file"] for r in read_jsonl(out / ".florence" / "journal.jsonl")}
     assert "crash.png" not in journaled and "exit.png" not in journaled  # a re-run retries them
@@ -212,33 +203,27 @@ def _cli(model, folder, out, address):
             "--engine", "ray", "--ray-address", address]  # fmt: skip
 
 
-def test_driver_killed_then_resumed_gives_the_uninterrupted_files(
+def test_driver_killed_then_resumed_gives_the_uninterruptedoutput_files(
     cluster, tiny_model, folder, local_runs, tmp_path
 ):
     out = tmp_path / "out"
     command = _cli(tiny_model, folder, out, cluster.address)
-    process = subprocess.Popen(command, stderr=subprocess.PIPE)
-    journal = out / ".florence" / "journal.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if journal.exists() and journal.read_bytes().count(b"\n") >= 4:
-            break
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert 0 < journal.read_bytes().count(b"\n") < 12 * len(TASKS), "the kill must land mid-run"
+    done_before = kill_mid_run(command, out / ".florence" / "journal.jsonl", 4)
+    assert 0 < done_before < 12 * len(TASKS), "the kill must land mid-run"
     rerun = subprocess.run(command, capture_output=True, text=True)
     assert rerun.returncode == 1, rerun.stderr  # junk.png
-    assert _files(out) == _files(local_runs(1))  # batches of one: a resumed run makes the same batches
+    assert output_files(out) == output_files(
+        local_runs(1)
+    )  # batches of one: a resumed run makes the same batches
 
 
-def test_a_two_node_cluster_gives_the_same_files(cluster, tiny_model, folder, local_run, tmp_path):
+def test_a_two_node_cluster_gives_the_sameoutput_files(cluster, tiny_model, folder, local_run, tmp_path):
     node = cluster.add_node(num_cpus=1, num_gpus=1)
     cluster.wait_for_nodes()
     try:
         out = tmp_path / "out"
         _engine(tiny_model, tmp_path / "probes", gpu_workers=3).run([str(folder)], out, TASKS)
-        assert _files(out) == _files(local_run)
+        assert output_files(out) == output_files(local_run)
         assert len({p["node"] for p in _probes(tmp_path / "probes")}) == 2
     finally:
         cluster.remove_node(node)
