@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from .decode import DecodedImage, decode_image
 from .discover import ImageRef, InputError, discover
 from .engine import Engine, ItemResult, LocalEngine, batches
-from .jobs import ImageFailure, Job, TaskRequest, WorkItem, parse_requests, plan_jobs
+from .jobs import ImageFailure, Job, TaskRequest, WorkItem, as_requests, parse_requests, plan_jobs
 from .journal import Journal, work_key
 from .model import DEFAULT_MODEL, FlorenceModel
 from .parse import Answer, TokenText, parse_answer
@@ -207,7 +207,7 @@ class Annotator:
         ``tasks`` are names (with ``text`` for those that need it) or ready ``TaskRequest``s; ``shard``
         keeps only its share of the images (``florence merge`` combines the shards' folders).
         """
-        requests = tasks if tasks and isinstance(tasks[0], TaskRequest) else parse_requests(list(tasks), text)
+        requests = as_requests(tasks, text)
         return Run(self, requests, Path(output), overwrite, jsonl, on_error, progress, shard).execute(
             inputs, stdin_lines, engine or LocalEngine(self, workers)
         )

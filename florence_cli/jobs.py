@@ -178,6 +178,13 @@ def parse_requests(
     return requests
 
 
+def as_requests(tasks: list[str] | list[TaskRequest], text: str | None = None) -> list[TaskRequest]:
+    """Requests as given, or parsed from task names (with ``text`` for the tasks that need one)."""
+    if tasks and isinstance(tasks[0], TaskRequest):
+        return list(tasks)
+    return parse_requests(list(tasks), text)
+
+
 def plan_jobs(ref: ImageRef, requests: list[TaskRequest]) -> tuple[list[Job], list[ImageFailure]]:
     """The jobs of every request on ``ref`` (keys not yet set), and the failures known before decoding."""
     jobs: list[Job] = []

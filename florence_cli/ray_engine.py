@@ -32,7 +32,7 @@ from ray.util.annotations import RayDeprecationWarning
 
 from .decode import DecodedImage, ResizeSpec, decode_or_reason
 from .engine import ItemResult, batches
-from .jobs import ImageFailure, TaskRequest, WorkItem, parse_requests
+from .jobs import ImageFailure, TaskRequest, WorkItem, as_requests
 
 if TYPE_CHECKING:
     from .annotate import Annotator, GenerationSettings, RunSummary
@@ -287,7 +287,7 @@ class RayEngine:
         """Annotate every image under ``inputs`` into ``output``, as ``Annotator.run`` does."""
         from .annotate import Run
 
-        requests = tasks if tasks and isinstance(tasks[0], TaskRequest) else parse_requests(list(tasks), text)
+        requests = as_requests(tasks, text)
         try:
             self.connect()
             run = Run(self.spec, requests, Path(output), overwrite, jsonl, on_error, progress, shard)
