@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .decode import DecodedImage, decode_image
+from .decode import DecodedImage, decode_image, model_pixels
 from .discover import ImageRef, InputError, discover
 from .engine import Engine, ItemResult, LocalEngine, batches
 from .jobs import ImageFailure, Job, TaskRequest, WorkItem, as_requests, parse_requests, plan_jobs
@@ -171,20 +171,14 @@ class Annotator:
         return results
 
     def _decode_in_memory(self, image, number: int, requests: list[TaskRequest]) -> DecodedImage:
-        import numpy as np
         from PIL import Image
 
         name = str(image) if not isinstance(image, Image.Image) else f"image-{number}"
-        ref = WorkItem(path=name, name=name, order=(0, number))
-        ref = WorkItem(name, name, ref.order, tuple(plan_jobs(ref, requests)[0]))
-        if not isinstance(image, Image.Image):
-            return DecodedImage(ref, *decode_image(str(image), self.model.resize_spec))
-        rgb = image.convert("RGB")
-        size = self.model.resize_spec.size
-        resized = (
-            rgb.resize(size, resample=self.model.resize_spec.resample) if size and rgb.size != size else rgb
-        )
-        return DecodedImage(ref, rgb.width, rgb.height, np.asarray(resized, dtype=np.uint8))
+        ref = ImageRef(path=name, name=name, order=(0, number))
+        item = WorkItem(ref.path, ref.name, ref.order, tuple(plan_jobs(ref, requests)[0]))
+        if isinstance(image, Image.Image):
+            return DecodedImage(item, *model_pixels(image.convert("RGB"), self.model.resize_spec))
+        return DecodedImage(item, *decode_image(str(image), self.model.resize_spec))
 
     # -- folders to files ---------------------------------------------------------------------
     def run(

@@ -59,7 +59,11 @@ def open_rgb(path: str):
 
 def decode_image(path: str, spec: ResizeSpec) -> tuple[int, int, np.ndarray]:
     """Decode one image: its displayed (width, height) and its pixels resized as ``spec`` says."""
-    image = open_rgb(path)
+    return model_pixels(open_rgb(path), spec)
+
+
+def model_pixels(image, spec: ResizeSpec) -> tuple[int, int, np.ndarray]:
+    """An RGB PIL image's (width, height) and its uint8 pixels resized as ``spec`` says."""
     width, height = image.size
     if spec.size is not None and image.size != spec.size:
         image = image.resize(spec.size, resample=spec.resample)

@@ -62,12 +62,12 @@ class JsonlSink:
 
 def coco_annotation(instance: dict) -> dict:
     """COCO fields for one parsed instance: ``bbox`` [x, y, w, h], ``area``, ``segmentation``."""
-    polygons = instance.get("polygons") or ([instance["quad"]] if instance.get("quad") else [])
-    polygons = [p for p in polygons if len(p) >= 6]  # COCO polygons need three points
+    shapes = instance.get("polygons") or ([instance["quad"]] if instance.get("quad") else [])
+    polygons = [p for p in shapes if len(p) >= 6]  # COCO polygons need three points
     if instance.get("bbox"):
         x1, y1, x2, y2 = instance["bbox"]
     else:
-        points = [c for p in (instance.get("polygons") or [instance.get("quad") or []]) for c in p]
+        points = [c for p in shapes for c in p]
         xs, ys = points[0::2] or [0.0], points[1::2] or [0.0]
         x1, y1, x2, y2 = min(xs), min(ys), max(xs), max(ys)
     x1, x2 = sorted((x1, x2))
