@@ -5,10 +5,18 @@ writes N synthetic JPEGs of realistic sizes, then times
   (a) the reference loop: one image at a time, processor → generate → post_process_generation;
   (b) ``Annotator.run`` (decode workers, batching, shared image features) through the Python API,
 checks that both give identical answers, and prints images/s, the ratio (b)/(a), peak RAM and, on
-CUDA, peak GPU memory. Random weights make generation lengths arbitrary, so both sides generate
-exactly ``--new-tokens`` tokens (min_new_tokens = max_new_tokens).
+CUDA, peak GPU memory. Random weights make generation lengths arbitrary, so by default both sides
+generate exactly ``--new-tokens`` tokens (min_new_tokens = max_new_tokens). ``--lengths free`` lets
+answers end where the model ends them instead (the model is tilted towards end-of-sequence so that
+lengths vary from image to image, as real answers do); that is where dropping finished images from
+the batch pays.
+
+``--levers`` adds one run per lever with that lever off, so each one's share is measured: beam
+compaction, decode workers, worker-side resize with device-side normalisation, and (with several
+tasks) one vision pass per image for all tasks.
 
     python benchmarks/throughput.py --device cpu --size base -n 8 --batch-sizes 8
+    python benchmarks/throughput.py --device cpu --size base -n 8 --lengths free --levers
     python benchmarks/throughput.py --device cuda --size large --dtype fp16 -n 256 --batch-sizes 16,32,64
 """
 
@@ -32,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from florence_cli.annotate import Annotator, GenerationSettings
 from florence_cli.model import FlorenceModel, resolve_dtype
 from florence_cli.tasks import resolve_task
-from florence_cli.tiny import build_random
+from florence_cli.tiny import build_random, tilt_towards_eos
 
 IMAGE_SIZES = [(640, 480), (1024, 768), (1920, 1080), (3000, 2000), (4000, 3000), (800, 1200)]
 
@@ -86,33 +94,67 @@ def end_phase(device: torch.device, started: float) -> dict:
     return figures
 
 
-def reference_loop(model: FlorenceModel, paths: list[Path], prompt: str, generation: dict) -> dict[str, str]:
-    """The model card's code, one image at a time."""
-    processor, answers = model.processor, {}
+def reference_loop(
+    model: FlorenceModel, paths: list[Path], prompts: list[str], generation: dict
+) -> tuple[dict[tuple[str, str], str], list[int]]:
+    """The model card's code, one image and one task at a time: answers keyed by (file, task token),
+    and the number of tokens generated for each."""
+    processor, answers, lengths = model.processor, {}, []
     for path in paths:
         with Image.open(path) as opened:
             image = ImageOps.exif_transpose(opened).convert("RGB")
-        inputs = processor(text=prompt, images=image, return_tensors="pt").to(model.device, model.dtype)
-        inputs["input_ids"] = inputs["input_ids"].long()
-        with torch.inference_mode():
-            ids = model.model.generate(**inputs, **generation)
-        raw = processor.batch_decode(ids, skip_special_tokens=False)[0]
-        processor.post_process_generation(raw, task=prompt, image_size=image.size)
-        answers[path.name] = raw
-    return answers
+        for prompt in prompts:
+            inputs = processor(text=prompt, images=image, return_tensors="pt").to(model.device, model.dtype)
+            inputs["input_ids"] = inputs["input_ids"].long()
+            with torch.inference_mode():
+                ids = model.model.generate(**inputs, **generation)
+            raw = processor.batch_decode(ids, skip_special_tokens=False)[0]
+            processor.post_process_generation(raw, task=prompt, image_size=image.size)
+            answers[path.name, prompt] = raw
+            lengths.append(ids.shape[1] - 1)  # after the decoder's start token
+    return answers, lengths
+
+
+def florence_run(model: FlorenceModel, images: Path, out: Path, tasks: list[str], batch_size: int,
+                 generation: GenerationSettings, workers: int) -> dict[tuple[str, str], str]:  # fmt: skip
+    """``Annotator.run`` over the folder; answers keyed by (file, task token)."""
+    annotator = Annotator(model, batch_size=batch_size, generation=generation)
+    annotator.run([str(images)], out, tasks, workers=workers, jsonl=str(out / "answers.jsonl"))
+    records = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    return {(r["file"], resolve_task(r["task"]).token): r["raw"] for r in records}
+
+
+def variants(args, tasks: list[str], model: FlorenceModel, plain: FlorenceModel) -> list[tuple[str, list]]:
+    """(name, runs) pairs: each run is (model, tasks, workers); a variant's time is its runs' sum."""
+    everything = [(model, tasks, args.workers)]
+    found = [("all levers", everything)]
+    if args.levers:
+        found.append(("no beam compaction", [(plain, tasks, args.workers)]))
+        found.append(("decode in main process", [(model, tasks, 0)]))
+        found.append(("processor preprocessing", [(FlorenceModel(model.model, model.processor, model.device,
+                      model.dtype, fast_pixels=False), tasks, args.workers)]))  # fmt: skip
+        if len(tasks) > 1:
+            found.append(("one run per task", [(model, [task], args.workers) for task in tasks]))
+    return found
 
 
 def report(row: dict) -> str:
     line = (
-        f"{row['task']:<12} batch {row['batch_size']:>3}: "
+        f"{row['tasks']:<12} batch {row['batch_size']:>3} {row['variant']:<24}: "
         f"reference {row['reference_images_per_s']:.3f} img/s, "
         f"florence {row['florence_images_per_s']:.3f} img/s, ratio {row['speedup']:.2f}x, "
-        f"identical answers {row['identical']}/{row['images']}, "
+        f"identical answers {row['identical']}/{row['answers']}, "
         f"peak RSS {row['reference_peak_rss_mb']:.0f} / {row['florence_peak_rss_mb']:.0f} MB"
     )
     if "florence_peak_gpu_mb" in row:
         line += f", peak GPU {row['reference_peak_gpu_mb']:.0f} / {row['florence_peak_gpu_mb']:.0f} MB"
     return line
+
+
+def length_summary(lengths: list[int]) -> str:
+    lengths = sorted(lengths)
+    middle = lengths[len(lengths) // 2]
+    return f"generated tokens per answer: min {lengths[0]}, median {middle}, max {lengths[-1]}"
 
 
 def main() -> None:
@@ -122,10 +164,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--size", choices=["tiny", "base", "large"], default="base")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
-    parser.add_argument("--tasks", default="OD", help="comma-separated")
+    parser.add_argument("--tasks", default="OD", help="comma-separated; several run together on each image")
     parser.add_argument("-n", "--images", type=int, default=8)
     parser.add_argument("--batch-sizes", default="8", help="comma-separated")
-    parser.add_argument("--new-tokens", type=int, default=150)
+    parser.add_argument("--new-tokens", type=int, default=150, help="length, or free lengths' limit")
+    parser.add_argument("--lengths", choices=["pinned", "free"], default="pinned")
+    parser.add_argument("--eos-tilt", type=float, default=1.2, help="free lengths: see tiny.tilt_towards_eos")
+    parser.add_argument("--levers", action="store_true", help="also run with each lever off in turn")
     parser.add_argument("--num-beams", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--json", help="also write the figures to this file")
@@ -134,36 +179,44 @@ def main() -> None:
     torch.manual_seed(0)
     scratch = Path(tempfile.mkdtemp(prefix="florence-bench-"))
     model, processor = build_random(scratch / "tokenizer", args.size)
+    pinned = args.lengths == "pinned"
+    if not pinned:
+        tilt_towards_eos(model, args.eos_tilt)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))  # fmt: skip
     dtype = resolve_dtype(args.dtype, device)
     loaded = FlorenceModel(model.to(device, dtype), processor, device, dtype)
+    plain = FlorenceModel(loaded.model, processor, device, dtype, compact_beams=False)
     paths = write_images(scratch / "images", args.images)
-    generation = GenerationSettings(args.num_beams, args.new_tokens, None, args.new_tokens)
+    exact = args.new_tokens if pinned else None
+    generation = GenerationSettings(args.num_beams, args.new_tokens, None, exact)
+    tasks = args.tasks.split(",")
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"# {args.size} ({params:.0f}M params), {device}, {dtype}, {args.images} images, "
-          f"{args.num_beams} beams, {args.new_tokens} new tokens", flush=True)  # fmt: skip
+          f"{args.num_beams} beams, {args.lengths} lengths, {args.new_tokens} new tokens",
+          flush=True)  # fmt: skip
+    started = start_phase(device)
+    expected, lengths = reference_loop(
+        loaded, paths, [resolve_task(t).token for t in tasks], generation.kwargs()
+    )
+    reference = end_phase(device, started)
+    print(f"# reference loop: {length_summary(lengths)}", flush=True)
     rows = []
-    for task_name in args.tasks.split(","):
-        task = resolve_task(task_name)
-        started = start_phase(device)
-        expected = reference_loop(loaded, paths, task.token, generation.kwargs())
-        reference = end_phase(device, started)
-        for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-            annotator = Annotator(loaded, batch_size=batch_size, generation=generation)
-            out = scratch / f"out-{task.slug}-{batch_size}"
-            started = start_phase(device)
-            summary = annotator.run([str(scratch / "images")], out, [task.name], workers=args.workers,
-                                    jsonl=str(out / "answers.jsonl"))  # fmt: skip
+    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+        for name, runs in variants(args, tasks, loaded, plain):
+            started, answers = start_phase(device), {}
+            for i, (model_variant, run_tasks, workers) in enumerate(runs):
+                out = scratch / f"out-{batch_size}-{name.replace(' ', '-')}-{i}"
+                answers |= florence_run(model_variant, scratch / "images", out, run_tasks, batch_size,
+                                        generation, workers)  # fmt: skip
             ours = end_phase(device, started)
-            records = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
-            answers = {r["file"]: r["raw"] for r in records}
-            same = sum(answers.get(name) == raw for name, raw in expected.items())
+            same = sum(answers.get(key) == raw for key, raw in expected.items())
             row = {
-                "task": task.name, "batch_size": batch_size, "size": args.size, "device": str(device),
-                "dtype": str(dtype).removeprefix("torch."), "images": args.images,
+                "tasks": ",".join(tasks), "batch_size": batch_size, "variant": name, "size": args.size,
+                "device": str(device), "dtype": str(dtype).removeprefix("torch."), "images": args.images,
+                "lengths": args.lengths, "answers": len(expected),
                 "reference_images_per_s": args.images / reference["seconds"],
-                "florence_images_per_s": summary.annotated / ours["seconds"],
+                "florence_images_per_s": args.images / ours["seconds"],
                 "identical": same, "agreement": same / len(expected),
             }  # fmt: skip
             row["speedup"] = row["florence_images_per_s"] / row["reference_images_per_s"]

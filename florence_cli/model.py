@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .beam import compacting_beam_search
 from .decode import ResizeSpec
 
 DEFAULT_MODEL = "mrhendrey/Florence-2-large-ft-safetensors"
@@ -83,14 +84,28 @@ def _offline() -> bool:
 class FlorenceModel:
     """A loaded Florence-2 model with its processor, on one device, in one dtype."""
 
-    def __init__(self, model, processor, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        model,
+        processor,
+        device: torch.device,
+        dtype: torch.dtype,
+        compact_beams: bool = True,
+        fast_pixels: bool = True,
+    ):
+        """``compact_beams``: finished images leave the generation batch (see beam.py).
+        ``fast_pixels``: decode workers resize and the device normalises, where that equals the
+        processor; off, the processor prepares full images in the main process (the reference way)."""
         self.model = model.eval()
+        self.compact_beams = compact_beams
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.device = device
         self.dtype = dtype
         self.generation_config = model.generation_config
-        self.resize_spec, self._pixel_lut = _fast_pixels(processor.image_processor)
+        self.resize_spec, self._pixel_lut = (
+            _fast_pixels(processor.image_processor) if fast_pixels else (ResizeSpec(size=None), None)
+        )
         if self._pixel_lut is not None:
             self._pixel_lut = self._pixel_lut.to(device)
         self._prompt_ids: dict[str, list[int]] = {}
@@ -168,6 +183,8 @@ class FlorenceModel:
         )
         with torch.inference_mode():
             encoder_outputs = self._encode(input_ids, attention_mask, features)
+            if self.compact_beams:
+                generation = {**generation, "custom_generate": compacting_beam_search}
             output = self.model.generate(
                 encoder_outputs=encoder_outputs, attention_mask=attention_mask, **generation
             )

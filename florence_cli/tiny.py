@@ -183,6 +183,29 @@ def build_model(config, seed: int = 0, std: float = 0.3):
     return model
 
 
+def tilt_towards_eos(model, strength: float, seed: int = 0) -> None:
+    """Make the end-of-sequence token likelier by ``strength`` (in units of the random logits' spread),
+    so that a random model's answers end at varied lengths, as real ones do, instead of all running
+    to the token limit. Benchmarks and tests of length-dependent batching use it."""
+    import torch
+
+    decoder = model.model.language_model.decoder
+    bias = decoder.layers[-1].final_layer_norm.bias
+    direction = torch.randn(bias.shape, generator=torch.Generator().manual_seed(seed))
+    direction /= direction.norm()
+    eos = model.config.text_config.eos_token_id
+    with torch.no_grad():
+        spread = float(model.lm_head.weight.std()) * bias.numel() ** 0.5  # std of a logit over the vocabulary
+        # The last layer's output gains a fixed component, and the EOS row of the output embedding
+        # points along it. That row is also the input embedding of the decoder's start token (EOS in
+        # Florence-2), so the first position's embedding takes the change back out: otherwise the
+        # start token itself would push the first step to end the answer at once.
+        tilt = strength * spread * direction
+        bias += direction.to(bias.dtype)
+        model.lm_head.weight[eos] += tilt.to(model.lm_head.weight.dtype)
+        decoder.embed_positions.weight[decoder.embed_positions.offset] -= tilt.to(bias.dtype)
+
+
 def build_random(folder: str | Path, size: str = "tiny", seed: int = 0):
     """A seeded random-weight model and its processor at ``size`` (tokenizer files go to ``folder``)."""
     dims = SIZES[size]

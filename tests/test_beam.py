@@ -1,0 +1,130 @@
+"""Beam search with finished images dropped from the batch: the same answers, less work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from florence_cli.annotate import Annotator, GenerationSettings
+from florence_cli.model import FlorenceModel
+from florence_cli.tiny import build_random, tilt_towards_eos
+
+from .conftest import Reference, random_image, write_images
+from .helpers import assert_same_answer, read_jsonl
+
+IMAGES = 10
+SETTINGS = {
+    "checkpoint defaults": {"max_new_tokens": 40},
+    "early stopping, no repeats": {"max_new_tokens": 40, "early_stopping": True, "no_repeat_ngram_size": 3},
+    "4 beams, length penalty": {
+        "num_beams": 4, "max_new_tokens": 30, "min_new_tokens": 4, "length_penalty": 0.5,
+        "early_stopping": "never", "repetition_penalty": 1.3,
+    },
+    "greedy": {"num_beams": 1, "max_new_tokens": 30},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def varied_dir(tmp_path_factory):
+    """A tiny checkpoint whose answers end at lengths that differ from image to image."""
+    folder = tmp_path_factory.mktemp("varied-model")
+    model, processor = build_random(folder, "tiny", seed=0)
+    tilt_towards_eos(model, 1.4)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def varied(varied_dir):
+    return FlorenceModel.load(str(varied_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def features(varied):
+    size = varied.resize_spec.size
+    pixels = [np.asarray(random_image(seed).resize(size, Image.Resampling.BICUBIC)) for seed in range(IMAGES)]
+    return varied.image_features(varied.pixel_values(pixels))
+
+
+def generate(model: FlorenceModel, features, prompt: str, settings: dict, compact: bool) -> list[list[int]]:
+    model.compact_beams = compact
+    try:
+        return [g.token_ids for g in model.generate(features, [prompt] * len(features), settings)]
+    finally:
+        model.compact_beams = True
+
+
+def decoder_batch_sizes(model: FlorenceModel, run) -> list[int]:
+    """The decoder's batch size at each call while ``run()`` runs."""
+    sizes = []
+    decoder = model.model.model.language_model.decoder
+
+    def record(_module, _args, kwargs):
+        tokens = kwargs.get("input_ids")
+        sizes.append((kwargs["inputs_embeds"] if tokens is None else tokens).shape[0])
+
+    handle = decoder.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return sizes
+
+
+@pytest.mark.parametrize("prompt", ["<OD>", "<CAPTION>", "<OCR>"])
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_compacted_batch_equals_one_image_at_a_time(varied, features, prompt, setting):
+    settings = SETTINGS[setting]
+    alone = [generate(varied, features[i : i + 1], prompt, settings, compact=False)[0] for i in range(IMAGES)]
+    assert generate(varied, features, prompt, settings, compact=True) == alone
+    assert generate(varied, features, prompt, settings, compact=False) == alone
+
+
+def test_answers_of_the_fixture_model_vary_in_length(varied, features):
+    """Without varied lengths the equality tests above would never drop an image mid-batch."""
+    for setting in ("checkpoint defaults", "early stopping, no repeats", "4 beams, length penalty"):
+        lengths = {len(t) for t in generate(varied, features, "<OD>", SETTINGS[setting], True)}
+        assert len(lengths) >= 3, (setting, lengths)
+
+
+def test_finished_images_leave_the_batch(varied, features):
+    settings = SETTINGS["checkpoint defaults"]
+    compacted = decoder_batch_sizes(varied, lambda: generate(varied, features, "<OD>", settings, True))
+    full = decoder_batch_sizes(varied, lambda: generate(varied, features, "<OD>", settings, False))
+    beams = varied.generation_config.num_beams
+    assert set(full) == {IMAGES * beams}
+    assert compacted[0] == IMAGES * beams and compacted[-1] < compacted[0]
+    assert compacted == sorted(compacted, reverse=True) and all(size % beams == 0 for size in compacted)
+    assert sum(compacted) < sum(full)
+
+
+def test_settings_it_does_not_mirror_go_to_transformers_own_loop(varied, features):
+    """A logits processor outside the known row-local ones (here: banned words) is left to transformers."""
+    settings = {"max_new_tokens": 40, "bad_words_ids": [[7]]}
+    expected = [generate(varied, features[i : i + 1], "<OD>", settings, False)[0] for i in range(4)]
+    assert len({len(tokens) for tokens in expected}) > 1  # compaction would have shrunk the batch
+    answers = []
+    sizes = decoder_batch_sizes(
+        varied, lambda: answers.extend(generate(varied, features[:4], "<OD>", settings, True))
+    )
+    assert answers == expected
+    assert len(set(sizes)) == 1
+
+
+def test_annotate_on_varied_lengths_equals_reference(varied, varied_dir, tmp_path):
+    images = write_images(tmp_path / "imgs", 6, start_seed=20)
+    reference = Reference(varied_dir)
+    annotator = Annotator(varied, batch_size=6, generation=GenerationSettings(max_new_tokens=40))
+    summary = annotator.run([str(tmp_path / "imgs")], tmp_path / "out", ["OD", "CAPTION"],
+                            jsonl=str(tmp_path / "all.jsonl"))  # fmt: skip
+    assert summary.exit_code == 0
+    records = read_jsonl(tmp_path / "all.jsonl")
+    assert len(records) == 2 * len(images)
+    for record in records:
+        prompt = "<OD>" if record["task"] == "OD" else "<CAPTION>"
+        with Image.open(tmp_path / "imgs" / record["file"]) as image:
+            raw, parsed = reference.run(image.convert("RGB"), prompt, max_new_tokens=40)
+        assert record["raw"] == raw, (record["file"], record["task"])
+        assert_same_answer(record["result"], parsed, record["file"])
