@@ -13,7 +13,9 @@ the batch pays.
 
 ``--levers`` adds one run per lever with that lever off, so each one's share is measured: beam
 compaction, decode workers, worker-side resize with device-side normalisation, and (with several
-tasks) one vision pass per image for all tasks.
+tasks) one vision pass per image for all tasks; then two levers that are not in the pipeline, to
+show whether they pay: transformers' static key/value cache, and the decoder compiled with
+``torch.compile`` (compile time included).
 
     python benchmarks/throughput.py --device cpu --size base -n 8 --batch-sizes 8
     python benchmarks/throughput.py --device cpu --size base -n 8 --lengths free --levers
@@ -29,6 +31,8 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -124,17 +128,58 @@ def florence_run(model: FlorenceModel, images: Path, out: Path, tasks: list[str]
     return {(r["file"], resolve_task(r["task"]).token): r["raw"] for r in records}
 
 
-def variants(args, tasks: list[str], model: FlorenceModel, plain: FlorenceModel) -> list[tuple[str, list]]:
-    """(name, runs) pairs: each run is (model, tasks, workers); a variant's time is its runs' sum."""
-    everything = [(model, tasks, args.workers)]
-    found = [("all levers", everything)]
-    if args.levers:
-        found.append(("no beam compaction", [(plain, tasks, args.workers)]))
-        found.append(("decode in main process", [(model, tasks, 0)]))
-        found.append(("processor preprocessing", [(FlorenceModel(model.model, model.processor, model.device,
-                      model.dtype, fast_pixels=False), tasks, args.workers)]))  # fmt: skip
-        if len(tasks) > 1:
-            found.append(("one run per task", [(model, [task], args.workers) for task in tasks]))
+@dataclass(frozen=True)
+class StaticCacheSettings(GenerationSettings):
+    """The same generation with transformers' static (preallocated) key/value cache."""
+
+    def kwargs(self) -> dict:
+        return {**super().kwargs(), "cache_implementation": "static"}
+
+
+@contextlib.contextmanager
+def compiled_decoder(model: FlorenceModel):
+    """The language decoder compiled with ``torch.compile`` (dynamic shapes: the batch shrinks as
+    images finish) while the block runs; the compile time is part of the measured time."""
+    decoder = model.model.model.language_model.decoder
+    decoder.compile(dynamic=True)
+    try:
+        yield
+    finally:
+        decoder._compiled_call_impl = None  # back to eager (nn.Module.compile keeps it here)
+
+
+@dataclass
+class Variant:
+    """One measured way of running: its runs' times add up. A run is (model, tasks, workers)."""
+
+    name: str
+    runs: list[tuple[FlorenceModel, list[str], int]]
+    generation: GenerationSettings
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+def variants(args, tasks: list[str], model: FlorenceModel, generation: GenerationSettings) -> list[Variant]:
+    """Everything on, then (with ``--levers``) each lever off in turn, then the levers not kept."""
+    found = [Variant("all levers", [(model, tasks, args.workers)], generation)]
+    if not args.levers:
+        return found
+    plain = FlorenceModel(model.model, model.processor, model.device, model.dtype, compact_beams=False)
+    processor_pixels = FlorenceModel(
+        model.model, model.processor, model.device, model.dtype, fast_pixels=False
+    )
+    found += [
+        Variant("no beam compaction", [(plain, tasks, args.workers)], generation),
+        Variant("decode in main process", [(model, tasks, 0)], generation),
+        Variant("processor preprocessing", [(processor_pixels, tasks, args.workers)], generation),
+    ]
+    if len(tasks) > 1:
+        found.append(
+            Variant("one run per task", [(model, [task], args.workers) for task in tasks], generation)
+        )
+    static = StaticCacheSettings(**asdict(generation))
+    found.append(Variant("+ static KV cache", [(plain, tasks, args.workers)], static))  # fixed shapes
+    found.append(Variant("+ compiled decoder", [(model, tasks, args.workers)], generation,
+                         lambda: compiled_decoder(model)))  # fmt: skip
     return found
 
 
@@ -186,7 +231,6 @@ def main() -> None:
                           ("cpu" if args.device == "auto" else args.device))  # fmt: skip
     dtype = resolve_dtype(args.dtype, device)
     loaded = FlorenceModel(model.to(device, dtype), processor, device, dtype)
-    plain = FlorenceModel(loaded.model, processor, device, dtype, compact_beams=False)
     paths = write_images(scratch / "images", args.images)
     exact = args.new_tokens if pinned else None
     generation = GenerationSettings(args.num_beams, args.new_tokens, None, exact)
@@ -203,18 +247,19 @@ def main() -> None:
     print(f"# reference loop: {length_summary(lengths)}", flush=True)
     rows = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        for name, runs in variants(args, tasks, loaded, plain):
+        for variant in variants(args, tasks, loaded, generation):
             started, answers = start_phase(device), {}
-            for i, (model_variant, run_tasks, workers) in enumerate(runs):
-                out = scratch / f"out-{batch_size}-{name.replace(' ', '-')}-{i}"
-                answers |= florence_run(model_variant, scratch / "images", out, run_tasks, batch_size,
-                                        generation, workers)  # fmt: skip
+            with variant.context():
+                for i, (model_variant, run_tasks, workers) in enumerate(variant.runs):
+                    out = scratch / f"out-{batch_size}-{variant.name.replace(' ', '-')}-{i}"
+                    answers |= florence_run(model_variant, scratch / "images", out, run_tasks, batch_size,
+                                            variant.generation, workers)  # fmt: skip
             ours = end_phase(device, started)
             same = sum(answers.get(key) == raw for key, raw in expected.items())
             row = {
-                "tasks": ",".join(tasks), "batch_size": batch_size, "variant": name, "size": args.size,
-                "device": str(device), "dtype": str(dtype).removeprefix("torch."), "images": args.images,
-                "lengths": args.lengths, "answers": len(expected),
+                "tasks": ",".join(tasks), "batch_size": batch_size, "variant": variant.name,
+                "size": args.size, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                "images": args.images, "lengths": args.lengths, "answers": len(expected),
                 "reference_images_per_s": args.images / reference["seconds"],
                 "florence_images_per_s": args.images / ours["seconds"],
                 "identical": same, "agreement": same / len(expected),

@@ -165,6 +165,7 @@ class FlorenceModel:
         return self._prompt_ids[prompt]
 
     # -- generation ---------------------------------------------------------------------------
+    @torch.inference_mode()  # inputs made here too, so a compiled decoder sees one kind of tensor
     def generate(
         self,
         features: torch.Tensor,
@@ -181,13 +182,12 @@ class FlorenceModel:
         attention_mask = torch.tensor(
             [[1] * len(i) + [0] * (length - len(i)) for i in ids], device=self.device
         )
-        with torch.inference_mode():
-            encoder_outputs = self._encode(input_ids, attention_mask, features)
-            if self.compact_beams:
-                generation = {**generation, "custom_generate": compacting_beam_search}
-            output = self.model.generate(
-                encoder_outputs=encoder_outputs, attention_mask=attention_mask, **generation
-            )
+        encoder_outputs = self._encode(input_ids, attention_mask, features)
+        if self.compact_beams:
+            generation = {**generation, "custom_generate": compacting_beam_search}
+        output = self.model.generate(
+            encoder_outputs=encoder_outputs, attention_mask=attention_mask, **generation
+        )
         eos = self.tokenizer.eos_token_id
         results = []
         for row, sequence in enumerate(output.tolist()):
@@ -197,6 +197,7 @@ class FlorenceModel:
             results.append(Generated(sequence, text, scores))
         return results
 
+    @torch.inference_mode()
     def token_logprobs(
         self, prompt_ids: list[int], features: torch.Tensor, sequence: list[int]
     ) -> list[float]:
@@ -207,10 +208,9 @@ class FlorenceModel:
         """
         input_ids = torch.tensor([prompt_ids], device=self.device)
         tokens = torch.tensor([sequence], device=self.device)
-        with torch.inference_mode():
-            encoder_outputs = self._encode(input_ids, torch.ones_like(input_ids), features)
-            logits = self.model(encoder_outputs=encoder_outputs, decoder_input_ids=tokens[:, :-1]).logits
-            logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1:, None])
+        encoder_outputs = self._encode(input_ids, torch.ones_like(input_ids), features)
+        logits = self.model(encoder_outputs=encoder_outputs, decoder_input_ids=tokens[:, :-1]).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1:, None])
         return logprobs.flatten().tolist()
 
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, features: torch.Tensor):
