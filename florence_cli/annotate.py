@@ -22,7 +22,7 @@ from .journal import Journal, work_key
 from .model import DEFAULT_MODEL, FlorenceModel
 from .parse import Answer, TokenText, parse_answer
 from .postconfig import BANNED_GROUNDING_PHRASES
-from .tasks import resolve_task
+from .tasks import Output, resolve_task
 from .writers import JsonlSink, text_path, write_coco, write_text
 
 if TYPE_CHECKING:
@@ -127,7 +127,9 @@ class Annotator:
                 job.prompt(images[i].width, images[i].height, texts[i])
                 for i, job in zip(rows, jobs, strict=True)
             ]
-            generated = model.generate(features[rows], prompts, self.generation.kwargs(), with_scores=True)
+            # Only located answers carry scores; a text answer would pay a scoring pass for nothing.
+            located = [job.task.output is not Output.TEXT for job in jobs]
+            generated = model.generate(features[rows], prompts, self.generation.kwargs(), with_scores=located)
             for i, job, output in zip(rows, jobs, generated, strict=True):
                 tokens = TokenText.from_tokens(model.tokenizer, output.token_ids, output.token_logprobs)
                 image = images[i]

@@ -9,6 +9,7 @@ reference makes, so answers stay token-identical.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,10 +172,10 @@ class FlorenceModel:
         features: torch.Tensor,
         prompts: list[str],
         generation: dict[str, Any],
-        with_scores: bool = False,
+        with_scores: bool | Sequence[bool] = False,
     ) -> list[Generated]:
-        """Generate one answer per (image features, prompt) row; ``with_scores`` adds the model's
-        log-probability of each generated token (see ``token_logprobs``)."""
+        """Generate one answer per (image features, prompt) row; ``with_scores`` (for all rows, or one
+        flag per row) adds the model's log-probability of each generated token (see ``token_logprobs``)."""
         ids = [self.prompt_ids(p) for p in prompts]
         length = max(len(i) for i in ids)
         pad = self.tokenizer.pad_token_id
@@ -189,11 +190,12 @@ class FlorenceModel:
             encoder_outputs=encoder_outputs, attention_mask=attention_mask, **generation
         )
         eos = self.tokenizer.eos_token_id
+        scored = [with_scores] * len(prompts) if isinstance(with_scores, bool) else list(with_scores)
         results = []
         for row, sequence in enumerate(output.tolist()):
             sequence = _until_eos(sequence, eos)
             text = self.tokenizer.decode(sequence, skip_special_tokens=False)
-            scores = self.token_logprobs(ids[row], features[row : row + 1], sequence) if with_scores else []
+            scores = self.token_logprobs(ids[row], features[row : row + 1], sequence) if scored[row] else []
             results.append(Generated(sequence, text, scores))
         return results
 

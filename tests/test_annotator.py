@@ -88,3 +88,21 @@ def test_bad_batch_sizes(bad, tmp_path):
 
     result = CliRunner().invoke(main, ["annotate", str(tmp_path), "-t", "OD", "-b", bad, "-m", str(tmp_path)])
     assert result.exit_code == 2
+
+
+def test_only_located_answers_pay_for_a_scoring_pass(annotator, florence_model, monkeypatch):
+    """Scores belong to boxes, polygons and regions; text answers skip the teacher-forced pass."""
+    scored_lengths = []
+    real = florence_model.token_logprobs
+
+    def counting(prompt_ids, features, sequence):
+        scored_lengths.append(len(sequence))
+        return real(prompt_ids, features, sequence)
+
+    monkeypatch.setattr(florence_model, "token_logprobs", counting)
+    images = [random_image(seed) for seed in range(3)]
+    answers = annotator.annotate(images, ["CAPTION", "OCR"])
+    assert scored_lengths == [] and all(a["CAPTION"].text for a in answers)
+    answers = annotator.annotate(images, ["CAPTION", "OD"])
+    assert len(scored_lengths) == len(images)
+    assert all(i.score is not None for a in answers for i in a["OD"].instances)
