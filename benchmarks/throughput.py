@@ -11,7 +11,8 @@ answers end where the model ends them instead (the model is tilted towards end-o
 lengths vary from image to image, as real answers do); that is where dropping finished images from
 the batch pays.
 
-``--levers`` adds one run per lever with that lever off, so each one's share is measured: beam
+``--levers`` adds one run per lever with that lever off, so each one's share is measured:
+per-image matrix products (exact; off = batched products, faster, but a near tie may flip), beam
 compaction, decode workers, worker-side resize with device-side normalisation, and (with several
 tasks) one vision pass per image for all tasks; then two levers that are not in the pipeline, to
 show whether they pay: transformers' static key/value cache, and the decoder compiled with
@@ -46,6 +47,12 @@ from florence_cli.model import FlorenceModel, resolve_dtype
 from florence_cli.tasks import resolve_task
 from florence_cli.tiny import build_random, tilt_towards_eos
 
+# The generation settings in Microsoft's checkpoints (config.json's text_config), which the model
+# card's code answers with; the random model gets them so both sides search as they would for real.
+MICROSOFT_GENERATION = {
+    "num_beams": 3, "early_stopping": True, "no_repeat_ngram_size": 3, "forced_bos_token_id": 0,
+    "forced_eos_token_id": 2,
+}  # fmt: skip
 IMAGE_SIZES = [(640, 480), (1024, 768), (1920, 1080), (3000, 2000), (4000, 3000), (800, 1200)]
 
 
@@ -163,11 +170,13 @@ def variants(args, tasks: list[str], model: FlorenceModel, generation: Generatio
     found = [Variant("all levers", [(model, tasks, args.workers)], generation)]
     if not args.levers:
         return found
-    plain = FlorenceModel(model.model, model.processor, model.device, model.dtype, compact_beams=False)
-    processor_pixels = FlorenceModel(
-        model.model, model.processor, model.device, model.dtype, fast_pixels=False
-    )
+
+    def like(**change) -> FlorenceModel:
+        return FlorenceModel(model.model, model.processor, model.device, model.dtype, **change)
+
+    plain, processor_pixels = like(compact_beams=False), like(fast_pixels=False)
     found += [
+        Variant("batched products", [(like(reference_shapes=False), tasks, args.workers)], generation),
         Variant("no beam compaction", [(plain, tasks, args.workers)], generation),
         Variant("decode in main process", [(model, tasks, 0)], generation),
         Variant("processor preprocessing", [(processor_pixels, tasks, args.workers)], generation),
@@ -224,6 +233,7 @@ def main() -> None:
     torch.manual_seed(0)
     scratch = Path(tempfile.mkdtemp(prefix="florence-bench-"))
     model, processor = build_random(scratch / "tokenizer", args.size)
+    model.generation_config.update(**MICROSOFT_GENERATION)
     pinned = args.lengths == "pinned"
     if not pinned:
         tilt_towards_eos(model, args.eos_tilt)

@@ -8,6 +8,7 @@ reference makes, so answers stay token-identical.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import torch
 
 from .beam import compacting_beam_search
 from .decode import ResizeSpec
+from .exact import reference_shapes
 
 DEFAULT_MODEL = "mrhendrey/Florence-2-large-ft-safetensors"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -93,12 +95,17 @@ class FlorenceModel:
         dtype: torch.dtype,
         compact_beams: bool = True,
         fast_pixels: bool = True,
+        reference_shapes: bool = True,
     ):
         """``compact_beams``: finished images leave the generation batch (see beam.py).
         ``fast_pixels``: decode workers resize and the device normalises, where that equals the
-        processor; off, the processor prepares full images in the main process (the reference way)."""
+        processor; off, the processor prepares full images in the main process (the reference way).
+        ``reference_shapes``: matrix products run per image, in the shapes the one-image reference
+        gives them, so answers are bit-identical (see exact.py); off, they run batched — faster, but
+        a near tie may then go another way than in the reference."""
         self.model = model.eval()
         self.compact_beams = compact_beams
+        self.reference_shapes = reference_shapes
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.device = device
@@ -142,13 +149,13 @@ class FlorenceModel:
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected image features (B, image tokens, d_model) — the same call the model makes.
 
-        On CPU the vision tower sees one image at a time, as in the reference: its convolution
-        kernels round differently with the batch size (by ~1e-6, which flipped beam-search answers
-        of base-size models), while the encoder and decoder are batch-invariant and are batched.
+        The vision tower sees one image at a time, as in the reference, unless ``reference_shapes``
+        is off on CUDA: its convolutions round differently with the batch size (by ~1e-6 on CPU,
+        which flipped beam-search answers of base-size models).
         """
         vision = self.model.model.get_image_features
         with torch.inference_mode():
-            if self.device.type == "cpu":
+            if self.device.type == "cpu" or self.reference_shapes:
                 return torch.cat(
                     [vision(pixel_values[i : i + 1]).pooler_output for i in range(len(pixel_values))]
                 )
@@ -176,6 +183,25 @@ class FlorenceModel:
     ) -> list[Generated]:
         """Generate one answer per (image features, prompt) row; ``with_scores`` (for all rows, or one
         flag per row) adds the model's log-probability of each generated token (see ``token_logprobs``)."""
+        scored = [with_scores] * len(prompts) if isinstance(with_scores, bool) else list(with_scores)
+        if not self.reference_shapes:
+            return self._generate(features, prompts, generation, scored)
+        # Prompts of one length per batch: padding would lengthen the attention's sums.
+        by_length: dict[int, list[int]] = {}
+        for row, prompt in enumerate(prompts):
+            by_length.setdefault(len(self.prompt_ids(prompt)), []).append(row)
+        results: list[Generated | None] = [None] * len(prompts)
+        for rows in by_length.values():
+            answers = self._generate(
+                features[rows], [prompts[r] for r in rows], generation, [scored[r] for r in rows]
+            )
+            for row, answer in zip(rows, answers, strict=True):
+                results[row] = answer
+        return results
+
+    def _generate(
+        self, features: torch.Tensor, prompts: list[str], generation: dict[str, Any], scored: list[bool]
+    ) -> list[Generated]:
         ids = [self.prompt_ids(p) for p in prompts]
         length = max(len(i) for i in ids)
         pad = self.tokenizer.pad_token_id
@@ -183,14 +209,18 @@ class FlorenceModel:
         attention_mask = torch.tensor(
             [[1] * len(i) + [0] * (length - len(i)) for i in ids], device=self.device
         )
-        encoder_outputs = self._encode(input_ids, attention_mask, features)
+        language = self.model.model.language_model
+        with self._shapes(1, language.encoder):  # one prompt
+            encoder_outputs = self._encode(input_ids, attention_mask, features)
         if self.compact_beams:
             generation = {**generation, "custom_generate": compacting_beam_search}
-        output = self.model.generate(
-            encoder_outputs=encoder_outputs, attention_mask=attention_mask, **generation
-        )
+        config = self.generation_config
+        beams = max(generation.get("num_beams") or config.num_beams or 1, config.num_return_sequences or 1)
+        with self._shapes(beams, language.decoder, self.model.lm_head):  # one image's beams
+            output = self.model.generate(
+                encoder_outputs=encoder_outputs, attention_mask=attention_mask, **generation
+            )
         eos = self.tokenizer.eos_token_id
-        scored = [with_scores] * len(prompts) if isinstance(with_scores, bool) else list(with_scores)
         results = []
         for row, sequence in enumerate(output.tolist()):
             sequence = _until_eos(sequence, eos)
@@ -214,6 +244,9 @@ class FlorenceModel:
         logits = self.model(encoder_outputs=encoder_outputs, decoder_input_ids=tokens[:, :-1]).logits
         logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1:, None])
         return logprobs.flatten().tolist()
+
+    def _shapes(self, rows: int, *modules):
+        return reference_shapes(rows, *modules) if self.reference_shapes else contextlib.nullcontext()
 
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, features: torch.Tensor):
         """The language encoder over prompt tokens with the image features in the ``<image>`` slots."""
