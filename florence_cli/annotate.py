@@ -95,11 +95,17 @@ class Annotator:
         generation: GenerationSettings | None = None,
         allow_pickle: bool = False,
         min_score: float | None = None,
+        exact: bool = True,
     ):
+        """``exact`` off batches the model's matrix products and attention across images (faster,
+        mostly on GPUs; a near tie may then be decided otherwise than by the one-image reference).
+        It applies to a model loaded here; a ``FlorenceModel`` given keeps its own setting."""
         if isinstance(model, FlorenceModel):
             self.model, self.model_name = model, "in-memory model"
         else:
-            self.model, self.model_name = FlorenceModel.load(model, device, dtype, allow_pickle), model
+            loaded = FlorenceModel.load(model, device, dtype, allow_pickle, reference_shapes=exact)
+            self.model, self.model_name = loaded, model
+        self.exact = self.model.reference_shapes
         # "auto": start high on CUDA and halve on out-of-memory (kept for later batches)
         self.batch_size = (
             (AUTO_CUDA_BATCH if self.model.device.type == "cuda" else 8)
@@ -210,7 +216,12 @@ class Annotator:
 
     def settings(self) -> dict:
         """What an output folder's answers depend on besides the inputs and tasks."""
-        return {"model": self.model_name, "generation": self.generation.kwargs(), "min_score": self.min_score}
+        settings = {
+            "model": self.model_name,
+            "generation": self.generation.kwargs(),
+            "min_score": self.min_score,
+        }
+        return settings if self.exact else {**settings, "exact": False}
 
 
 class Run:

@@ -120,14 +120,21 @@ class FlorenceModel:
 
     @classmethod
     def load(
-        cls, model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", allow_pickle: bool = False
+        cls,
+        model: str = DEFAULT_MODEL,
+        device: str = "auto",
+        dtype: str = "auto",
+        allow_pickle: bool = False,
+        reference_shapes: bool = True,
     ) -> FlorenceModel:
         """Load a native or original-format checkpoint from a folder or the Hub."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         folder = model_folder(model, allow_pickle=allow_pickle)
         loaded, processor = _load_folder(folder, torch_dtype, allow_pickle)
-        return cls(loaded.to(torch_device), processor, torch_device, torch_dtype)
+        return cls(
+            loaded.to(torch_device), processor, torch_device, torch_dtype, reference_shapes=reference_shapes
+        )
 
     # -- images -------------------------------------------------------------------------------
     def pixel_values(self, images: list[np.ndarray]) -> torch.Tensor:

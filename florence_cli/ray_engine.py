@@ -65,13 +65,14 @@ class ModelSpec:
     generation: GenerationSettings = field(default_factory=_default_generation)
     allow_pickle: bool = False
     min_score: float | None = None
+    exact: bool = True
 
     def build(self, device: str) -> Annotator:
         from .annotate import Annotator
 
         return Annotator(
             self.model_name, device, self.dtype, self.batch_size, self.generation, self.allow_pickle,
-            self.min_score,
+            self.min_score, self.exact,
         )  # fmt: skip
 
     def settings(self) -> dict:

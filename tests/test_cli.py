@@ -226,3 +226,20 @@ def test_hub_id_loads_from_the_offline_cache(tiny_model, folder, tmp_path, monke
     result = _annotate("someone/tiny-florence", str(folder), "-t", "OD", "-o", str(tmp_path / "out"), "-q")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "out" / "od.json").read_text())["info"]["model"] == "someone/tiny-florence"
+
+
+def test_batched_products_flag_is_a_setting_of_the_output_folder(tiny_model, folder, tmp_path):
+    """Exact (per-image) products are the default; the opt-in is recorded, and resuming a folder in
+    the other mode is refused rather than mixing answers made both ways."""
+    out = tmp_path / "out"
+    fast = _annotate(
+        tiny_model, str(folder), "-t", "OD", "-o", str(out), "--workers", "0", "--batched-products"
+    )
+    assert fast.exit_code == 0, fast.output
+    assert json.loads((out / ".florence" / "settings.json").read_text())["exact"] is False
+    exact = _annotate(tiny_model, str(folder), "-t", "OD", "-o", str(out), "--workers", "0")
+    assert exact.exit_code == 2 and "other settings" in exact.stderr
+    fresh = _annotate(tiny_model, str(folder), "-t", "OD", "-o", str(tmp_path / "exact"), "--workers", "0")
+    assert fresh.exit_code == 0 and "exact" not in json.loads(
+        (tmp_path / "exact" / ".florence" / "settings.json").read_text()
+    )

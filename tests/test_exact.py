@@ -49,10 +49,18 @@ def test_batched_logits_equal_the_one_image_logits_bit_for_bit(florence_model, p
     model.compact_beams = False  # rows stay where they are, so step t of image i is rows 3i..3i+2
     try:
         batched = lm_head_outputs(model, features, prompt, settings)
-        for image in range(len(features)):
-            alone = lm_head_outputs(model, features[image : image + 1], prompt, settings)
-            assert len(alone) == len(batched)
-            for step, logits in enumerate(alone):
-                assert torch.equal(batched[step][3 * image : 3 * image + 3], logits), (image, step)
+        model.reference_shapes = False
+        batched_products = lm_head_outputs(model, features, prompt, settings)
     finally:
-        model.compact_beams = True
+        model.compact_beams, model.reference_shapes = True, True
+    differs = False
+    for image in range(len(features)):
+        alone = lm_head_outputs(model, features[image : image + 1], prompt, settings)
+        assert len(alone) == len(batched)
+        for step, logits in enumerate(alone):
+            rows = slice(3 * image, 3 * image + 3)
+            assert torch.equal(batched[step][rows], logits), (image, step)
+            differs |= not torch.equal(batched_products[step][rows], logits)
+    # Why the per-image shapes exist: batched kernels round otherwise (true of this CPU's MKL and
+    # attention kernels; the reason a near tie can flip).
+    assert differs
