@@ -16,10 +16,11 @@ per-image matrix products (exact; off = batched products, faster, but a near tie
 compaction, decode workers, worker-side resize with device-side normalisation, and (with several
 tasks) one vision pass per image for all tasks; then two levers that are not in the pipeline, to
 show whether they pay: transformers' static key/value cache, and the decoder compiled with
-``torch.compile`` (compile time included).
+``torch.compile`` (compile time included). ``--levers compaction,products`` runs only the levers
+whose names hold those words.
 
     python benchmarks/throughput.py --device cpu --size base -n 8 --batch-sizes 8
-    python benchmarks/throughput.py --device cpu --size base -n 8 --lengths free --levers
+    python benchmarks/throughput.py --device cpu --size base -n 8 --lengths free --levers compaction
     python benchmarks/throughput.py --device cuda --size large --dtype fp16 -n 256 --batch-sizes 16,32,64
 """
 
@@ -189,7 +190,8 @@ def variants(args, tasks: list[str], model: FlorenceModel, generation: Generatio
     found.append(Variant("+ static KV cache", [(plain, tasks, args.workers)], static))  # fixed shapes
     found.append(Variant("+ compiled decoder", [(model, tasks, args.workers)], generation,
                          lambda: compiled_decoder(model)))  # fmt: skip
-    return found
+    words = [] if args.levers == "all" else args.levers.split(",")
+    return [found[0]] + [v for v in found[1:] if not words or any(w in v.name for w in words)]
 
 
 def report(row: dict) -> str:
@@ -224,7 +226,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=150, help="length, or free lengths' limit")
     parser.add_argument("--lengths", choices=["pinned", "free"], default="pinned")
     parser.add_argument("--eos-tilt", type=float, default=1.2, help="free lengths: see tiny.tilt_towards_eos")
-    parser.add_argument("--levers", action="store_true", help="also run with each lever off in turn")
+    parser.add_argument("--levers", nargs="?", const="all", default=None, metavar="WORDS",
+                        help="also run with each lever off in turn (or only those whose name holds "
+                        "one of these comma-separated words, e.g. compaction)")  # fmt: skip
     parser.add_argument("--num-beams", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--json", help="also write the figures to this file")
