@@ -2,8 +2,10 @@
 
 The generation path is the reference path split into its parts, so that each part can be batched and
 reused: image features once per image (every task on that image shares them), the language encoder
-once per prompt batch, then ``generate`` from the encoder's outputs. Every part is the same call the
-reference makes, so answers stay token-identical.
+once per prompt batch, then ``generate`` from the encoder's outputs (beam.py's search, which drops
+finished images). Every part is the same call the reference makes, and the kernels whose rounding
+depends on the batch run in the reference's per-image shapes (exact.py), so answers stay
+token-identical.
 """
 
 from __future__ import annotations
