@@ -13,10 +13,14 @@ from florence_cli.exact import reference_shapes
 from .conftest import random_image
 
 
-def test_linear_layers_multiply_one_images_rows_at_a_time_and_are_restored_after():
+@pytest.mark.parametrize("width", [48, 600])  # 600: products big enough to run side by side on CPU
+def test_linear_layers_multiply_one_images_rows_at_a_time_and_are_restored_after(width):
+    from florence_cli.exact import SIDE_BY_SIDE_MIN_WEIGHTS
+
     torch.manual_seed(0)
-    layer = torch.nn.Linear(48, 700)
-    hidden = torch.randn(12, 2, 48)
+    layer = torch.nn.Linear(width, 960)
+    assert (layer.weight.numel() >= SIDE_BY_SIDE_MIN_WEIGHTS) == (width == 600)
+    hidden = torch.randn(12, 2, width)
     with reference_shapes(3, torch.nn.Sequential(layer)):
         batched = layer(hidden)
         small = layer(hidden[:2])  # fewer rows than a group: one product
@@ -24,6 +28,7 @@ def test_linear_layers_multiply_one_images_rows_at_a_time_and_are_restored_after
         [functional.linear(hidden[i : i + 3], layer.weight, layer.bias) for i in (0, 3, 6, 9)]
     )
     assert torch.equal(batched, per_image)
+    assert batched.requires_grad  # the caller's autograd mode holds in the threads too
     assert torch.equal(small, functional.linear(hidden[:2], layer.weight, layer.bias))
     assert "forward" not in vars(layer)  # the class's forward is back
 
