@@ -32,6 +32,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 PER_IMAGE_ATTENTION = "florence_cli_per_image"
 # Below this many weights a product takes microseconds and handing it to a thread costs more.
 SIDE_BY_SIDE_MIN_WEIGHTS = 1 << 19
+# A decoding step's products have one row per beam; a prompt's (hundreds of rows) use every core already.
+SIDE_BY_SIDE_MAX_ROWS = 16
 
 
 def _linear_per_image(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
@@ -40,7 +42,8 @@ def _linear_per_image(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         return functional.linear(hidden, self.weight, self.bias)
     parts = hidden.split(rows)
     small = self.weight.numel() < SIDE_BY_SIDE_MIN_WEIGHTS
-    if hidden.device.type != "cpu" or torch.get_num_threads() < 2 or small:
+    many_rows = parts[0].numel() // hidden.shape[-1] > SIDE_BY_SIDE_MAX_ROWS  # MKL threads those itself
+    if hidden.device.type != "cpu" or torch.get_num_threads() < 2 or small or many_rows:
         return torch.cat([functional.linear(part, self.weight, self.bias) for part in parts])
     # MKL runs a few-row product on one core whatever its thread count (a 3-row product over the
     # 51k-word vocabulary took as long with 2 threads as with 1), so the images' products run side by

@@ -102,9 +102,9 @@ class FlorenceModel:
         """``compact_beams``: finished images leave the generation batch (see beam.py).
         ``fast_pixels``: decode workers resize and the device normalises, where that equals the
         processor; off, the processor prepares full images in the main process (the reference way).
-        ``reference_shapes``: matrix products run per image, in the shapes the one-image reference
-        gives them, so answers are bit-identical (see exact.py); off, they run batched — faster, but
-        a near tie may then go another way than in the reference."""
+        ``reference_shapes``: matrix products, attention and the vision tower run per image, in the
+        shapes the one-image reference gives them, so answers are bit-identical (see exact.py); off,
+        they run batched — faster, but a near tie may then go another way than in the reference."""
         self.model = model.eval()
         self.compact_beams = compact_beams
         self.reference_shapes = reference_shapes

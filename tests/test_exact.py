@@ -15,12 +15,13 @@ from .conftest import random_image
 
 @pytest.mark.parametrize("width", [48, 600])  # 600: products big enough to run side by side on CPU
 def test_linear_layers_multiply_one_images_rows_at_a_time_and_are_restored_after(width):
-    from florence_cli.exact import SIDE_BY_SIDE_MIN_WEIGHTS
+    from florence_cli.exact import SIDE_BY_SIDE_MAX_ROWS, SIDE_BY_SIDE_MIN_WEIGHTS
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(width, 960)
     assert (layer.weight.numel() >= SIDE_BY_SIDE_MIN_WEIGHTS) == (width == 600)
     hidden = torch.randn(12, 2, width)
+    assert SIDE_BY_SIDE_MAX_ROWS >= 3 * 2  # one image's part: few rows, as in a decoding step
     with reference_shapes(3, torch.nn.Sequential(layer)):
         batched = layer(hidden)
         small = layer(hidden[:2])  # fewer rows than a group: one product
