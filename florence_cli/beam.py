@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 from transformers.generation import logits_process, stopping_criteria
 from transformers.generation.utils import ALL_CACHE_NAMES, GENERATION_MODES_MAPPING, GenerationMode
 from transformers.modeling_outputs import BaseModelOutput
@@ -113,6 +114,7 @@ class _BeamSearch:
         self.finished_origins = self.running_origins.clone()
         self.image_of_row = torch.arange(rows, device=device)  # which input image each row still is
         self.answers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cross_beams_alike: bool | None = None
 
     def run(self, logits_processor, criteria) -> torch.LongTensor:
         model, beams = self.model, self.num_beams
@@ -169,9 +171,7 @@ class _BeamSearch:
                     early_stopping=self.config.early_stopping,
                 )
             )
-            cache = self._cache()
-            if cache is not None:
-                cache.reorder_cache(self.running_origins[..., cur_len - self.prompt_len].reshape(-1))
+            self._reorder_cache(self.running_origins[..., cur_len - self.prompt_len].reshape(-1))
             cur_len += 1
             self.can_improve = model._check_early_stop_heuristic(
                 is_early_stop_heuristic_unsatisfied=self.can_improve,
@@ -200,6 +200,22 @@ class _BeamSearch:
         return next(
             (self.kwargs[name] for name in ALL_CACHE_NAMES if self.kwargs.get(name) is not None), None
         )
+
+    def _reorder_cache(self, beam_origins: torch.Tensor) -> None:
+        """Each beam's cache rows become its parent beam's, as in transformers — except cross-attention
+        rows whose beams all hold the same bits: every beam's parent is a beam of the same image, so
+        that copy (the encoder's states, every layer, every step) would change nothing."""
+        cache = self._cache()
+        if cache is None:
+            return
+        if self.cross_beams_alike is None:  # the cross-attention states are written once, at the first step
+            self.cross_beams_alike = isinstance(cache, EncoderDecoderCache) and _beams_alike(
+                cache.cross_attention_cache, self.num_beams
+            )
+        if self.cross_beams_alike:
+            cache.self_attention_cache.reorder_cache(beam_origins)
+        else:
+            cache.reorder_cache(beam_origins)
 
     def _drop_done_images(self) -> bool:
         """Store the answers of images that are done and remove their rows; False when none is left."""
@@ -249,3 +265,19 @@ class _BeamSearch:
         origins = torch.cat([self.answers[i][1] for i in range(len(self.answers))])
         generated = int((origins != -1).sum(dim=1).max())
         return sequences[:, : self.prompt_len + generated]
+
+
+def _beams_alike(cache, beams: int) -> bool:
+    """Whether, in every layer of a dynamic ``cache``, each image's beams hold bit-identical states."""
+    if not isinstance(cache, DynamicCache) or not all(
+        isinstance(layer, DynamicLayer) for layer in cache.layers
+    ):
+        return False
+    for layer in cache.layers:
+        for states in (layer.keys, layer.values):
+            if states is None:
+                return False
+            grouped = states.view(-1, beams, *states.shape[1:])
+            if not torch.equal(grouped, grouped[:, :1].expand_as(grouped)):
+                return False
+    return True

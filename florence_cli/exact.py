@@ -34,27 +34,89 @@ PER_IMAGE_ATTENTION = "florence_cli_per_image"
 SIDE_BY_SIDE_MIN_WEIGHTS = 1 << 19
 # A decoding step's products have one row per beam; a prompt's (hundreds of rows) use every core already.
 SIDE_BY_SIDE_MAX_ROWS = 16
+# Weights too many for the processor's cache (32 MB of fp32: the 51k-word output layer, not the
+# decoder's layers) are read from memory in blocks of output columns, each block once for all images.
+COLUMN_BLOCKS_MIN_WEIGHTS = 1 << 23
+BLOCK_WEIGHTS = 1 << 19
+# Blocks start on a multiple of this many columns: kernels treat a matrix's columns in panels (on this
+# machine's MKL, blocks not a multiple of 8 gave other bits); 192 is a multiple of the usual widths.
+BLOCK_ALIGNMENT = 192
 
 
 def _linear_per_image(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    rows = self.florence_rows
-    if hidden.shape[0] <= rows:
-        return functional.linear(hidden, self.weight, self.bias)
-    parts = hidden.split(rows)
-    small = self.weight.numel() < SIDE_BY_SIDE_MIN_WEIGHTS
-    many_rows = parts[0].numel() // hidden.shape[-1] > SIDE_BY_SIDE_MAX_ROWS  # MKL threads those itself
-    if hidden.device.type != "cpu" or torch.get_num_threads() < 2 or small or many_rows:
-        return torch.cat([functional.linear(part, self.weight, self.bias) for part in parts])
-    # MKL runs a few-row product on one core whatever its thread count (a 3-row product over the
-    # 51k-word vocabulary took as long with 2 threads as with 1), so the images' products run side by
-    # side, one per core. Each is still the same call on the same rows, so its bits do not change.
+    weight, bias = self.weight, self.bias
+    parts = hidden.split(self.florence_rows)
+    # MKL runs a few-row product (a decoding step's) on one core whatever its thread count (a 3-row
+    # product over the 51k-word vocabulary took as long with 2 threads as with 1), so the cores share
+    # the images' products out. Each output is still one image's rows times the weights.
+    in_threads = (
+        hidden.device.type == "cpu"
+        and torch.get_num_threads() > 1
+        and parts[0].numel() // hidden.shape[-1] <= SIDE_BY_SIDE_MAX_ROWS  # MKL threads many rows itself
+    )
+    if (
+        in_threads
+        and weight.numel() >= COLUMN_BLOCKS_MIN_WEIGHTS
+        and _blocks_give_same_bits(tuple(parts[0].shape), tuple(weight.shape), weight.dtype)
+    ):
+        return _linear_in_column_blocks(hidden, parts, weight, bias)
+    if len(parts) == 1:
+        return functional.linear(hidden, weight, bias)
+    if in_threads and weight.numel() >= SIDE_BY_SIDE_MIN_WEIGHTS:
+        return torch.cat(_side_by_side(functools.partial(functional.linear, weight=weight, bias=bias), parts))
+    return torch.cat([functional.linear(part, weight, bias) for part in parts])
+
+
+def _linear_in_column_blocks(
+    hidden: torch.Tensor, parts: tuple[torch.Tensor, ...], weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Each image's product, computed block of output columns by block, the blocks shared out to the
+    cores: a block of weights is read from memory once, while it is in cache, for every image (a
+    few-row product is bound by reading its weights). A column's sum does not depend on the columns
+    computed beside it on this machine's kernel — checked once per shape: ``_blocks_give_same_bits``."""
+
+    block = max(1, BLOCK_WEIGHTS // weight.shape[1] // BLOCK_ALIGNMENT) * BLOCK_ALIGNMENT
+
+    def products(starts: range) -> list[list[torch.Tensor]]:
+        """Per block starting at one of ``starts``: each image's product with it."""
+        found = []
+        for start in starts:
+            block_weight = weight[start : start + block]
+            block_bias = None if bias is None else bias[start : start + block]
+            found.append([functional.linear(part, block_weight, block_bias) for part in parts])
+        return found
+
+    starts = range(0, weight.shape[0], block)
+    share = -(-len(starts) // torch.get_num_threads())  # contiguous runs of blocks, one per thread
+    runs = _side_by_side(products, [starts[i : i + share] for i in range(0, len(starts), share)])
+    by_image = zip(*[image_products for run in runs for image_products in run], strict=True)
+    return torch.cat([torch.cat(image_blocks, dim=-1) for image_blocks in by_image])
+
+
+@functools.cache
+def _blocks_give_same_bits(
+    part_shape: tuple[int, ...], weight_shape: tuple[int, int], dtype: torch.dtype
+) -> bool:
+    """Whether this machine's kernel gives a product the same bits in column blocks as in one call
+    (true of MKL on x86; a kernel that summed a column by its position would fail on random numbers)."""
+    generator = torch.Generator().manual_seed(0)
+    part, weight, bias = (torch.randn(shape, generator=generator).to(dtype)
+                          for shape in (part_shape, weight_shape, weight_shape[:1]))  # fmt: skip
+    with torch.inference_mode():
+        return torch.equal(
+            _linear_in_column_blocks(part, (part,), weight, bias), functional.linear(part, weight, bias)
+        )
+
+
+def _side_by_side(function, items) -> list:
+    """``function`` on each item, in the CPU threads, under the caller's autograd modes."""
     inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
-    def product(part: torch.Tensor) -> torch.Tensor:
+    def call(item):
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):  # both are per thread
-            return functional.linear(part, self.weight, self.bias)
+            return function(item)
 
-    return torch.cat(list(_cpu_pool().map(product, parts)))
+    return list(_cpu_pool().map(call, items))
 
 
 @functools.cache

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+from florence_cli import beam
 from florence_cli.annotate import Annotator, GenerationSettings
+from florence_cli.beam import _beams_alike
 from florence_cli.model import FlorenceModel
 from florence_cli.tiny import build_random, tilt_towards_eos
 
@@ -130,3 +134,36 @@ def test_annotate_on_varied_lengths_equals_reference(varied, varied_dir, tmp_pat
             raw, parsed = reference.run(image.convert("RGB"), prompt, max_new_tokens=40)
         assert record["raw"] == raw, (record["file"], record["task"])
         assert_same_answer(record["result"], parsed, record["file"])
+
+
+def test_beams_alike_compares_each_images_beams_bit_for_bit():
+    states = torch.randn(2, 1, 4, 5, 8).expand(2, 3, 4, 5, 8).reshape(6, 4, 5, 8)  # 2 images × 3 beams
+    cache = DynamicCache()
+    cache.update(states.clone(), states.clone(), 0)
+    assert _beams_alike(cache, 3)
+    assert not _beams_alike(cache, 2)  # rows grouped otherwise do differ
+    cache.layers[0].values[4, 0, 0, 0] += 1e-6  # image 1, beam 1
+    assert not _beams_alike(cache, 3)
+
+
+@pytest.mark.parametrize("alike", [True, False])
+def test_cross_attention_states_are_copied_between_beams_only_where_they_differ(
+    varied, features, alike, monkeypatch
+):
+    """Each beam search step moves every beam's cache rows to its parent's; the encoder states that
+    cross-attention caches are the same for all beams of an image, so moving them changes nothing."""
+    whole_cache_reorders = []
+    reorder = EncoderDecoderCache.reorder_cache
+
+    def recorded(cache, origins):
+        whole_cache_reorders.append(origins)
+        reorder(cache, origins)
+
+    monkeypatch.setattr(EncoderDecoderCache, "reorder_cache", recorded)
+    if not alike:  # as if a kernel had given the beams different states
+        monkeypatch.setattr(beam, "_beams_alike", lambda cache, beams: False)
+    settings = SETTINGS["Microsoft's defaults"]
+    alone = [generate(varied, features[i : i + 1], "<OD>", settings, compact=False)[0] for i in range(4)]
+    whole_cache_reorders.clear()
+    assert generate(varied, features[:4], "<OD>", settings, compact=True) == alone
+    assert bool(whole_cache_reorders) == (not alike)

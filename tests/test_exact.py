@@ -13,25 +13,74 @@ from florence_cli.exact import reference_shapes
 from .conftest import random_image
 
 
-@pytest.mark.parametrize("width", [48, 600])  # 600: products big enough to run side by side on CPU
-def test_linear_layers_multiply_one_images_rows_at_a_time_and_are_restored_after(width):
-    from florence_cli.exact import SIDE_BY_SIDE_MAX_ROWS, SIDE_BY_SIDE_MIN_WEIGHTS
+def blocks_for_every_big_product(monkeypatch) -> None:
+    """Column blocks (otherwise for the 51k-word output layer only) for products of 2^19 weights
+    and more, in blocks of 192 columns: several per thread, and a partial one at the end."""
+    from florence_cli import exact
 
+    monkeypatch.setattr(exact, "COLUMN_BLOCKS_MIN_WEIGHTS", exact.SIDE_BY_SIDE_MIN_WEIGHTS)
+    monkeypatch.setattr(exact, "BLOCK_WEIGHTS", 192 * 600)
+
+
+# 48: one product after another; 600: big enough to run side by side on CPU; blocks: in column blocks
+@pytest.mark.parametrize("case", ["48", "600", "600 in blocks"])
+def test_linear_layers_multiply_one_images_rows_at_a_time_and_are_restored_after(case, monkeypatch):
+    from florence_cli import exact
+
+    width = int(case.split()[0])
+    if "blocks" in case:
+        blocks_for_every_big_product(monkeypatch)
+    in_blocks = []
+    monkeypatch.setattr(exact, "_linear_in_column_blocks", record(exact._linear_in_column_blocks, in_blocks))
     torch.manual_seed(0)
-    layer = torch.nn.Linear(width, 960)
-    assert (layer.weight.numel() >= SIDE_BY_SIDE_MIN_WEIGHTS) == (width == 600)
-    hidden = torch.randn(12, 2, width)
-    assert SIDE_BY_SIDE_MAX_ROWS >= 3 * 2  # one image's part: few rows, as in a decoding step
+    layer = torch.nn.Linear(width, 1000)
+    assert (layer.weight.numel() >= exact.SIDE_BY_SIDE_MIN_WEIGHTS) == (width == 600)
+    hidden = torch.randn(12, 1, width)  # 4 images' beams, one token each: a decoding step
     with reference_shapes(3, torch.nn.Sequential(layer)):
         batched = layer(hidden)
-        small = layer(hidden[:2])  # fewer rows than a group: one product
+        alone = layer(hidden[:3])  # one image: one product, or its columns in blocks
     per_image = torch.cat(
         [functional.linear(hidden[i : i + 3], layer.weight, layer.bias) for i in (0, 3, 6, 9)]
     )
     assert torch.equal(batched, per_image)
     assert batched.requires_grad  # the caller's autograd mode holds in the threads too
-    assert torch.equal(small, functional.linear(hidden[:2], layer.weight, layer.bias))
+    assert torch.equal(alone, per_image[:3])
+    ours = [call for call in in_blocks if call[2] is layer.weight]  # not the one-off check of the kernel
+    assert len(ours) == (2 if "blocks" in case else 0)
     assert "forward" not in vars(layer)  # the class's forward is back
+
+
+def record(function, calls: list):
+    def recorded(*args, **kwargs):
+        calls.append(args)
+        return function(*args, **kwargs)
+
+    return recorded
+
+
+def test_column_blocks_are_not_used_where_they_would_change_a_bit(monkeypatch):
+    from florence_cli import exact
+
+    blocks_for_every_big_product(monkeypatch)
+    exact._blocks_give_same_bits.cache_clear()  # the check runs again, on the kernel below
+    blocks = exact._linear_in_column_blocks
+
+    def rounding_otherwise(hidden, parts, weight, bias):  # a kernel whose blocks round differently
+        return blocks(hidden, parts, weight, bias) * (1 + 2**-20)
+
+    monkeypatch.setattr(exact, "_linear_in_column_blocks", rounding_otherwise)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(600, 1000)
+    hidden = torch.randn(12, 1, 600)
+    try:
+        with torch.inference_mode(), reference_shapes(3, torch.nn.Sequential(layer)):
+            batched = layer(hidden)
+        assert not exact._blocks_give_same_bits((3, 1, 600), (1000, 600), torch.float32)
+    finally:
+        exact._blocks_give_same_bits.cache_clear()  # forget the verdict on the false kernel
+    assert torch.equal(
+        batched, torch.cat([functional.linear(p, layer.weight, layer.bias) for p in hidden.split(3)])
+    )
 
 
 def lm_head_outputs(model, features, prompt: str, settings: dict) -> list[torch.Tensor]:
@@ -46,7 +95,16 @@ def lm_head_outputs(model, features, prompt: str, settings: dict) -> list[torch.
 
 
 @pytest.mark.parametrize("prompt", ["<OD>", "<CAPTION>"])
-def test_batched_logits_equal_the_one_image_logits_bit_for_bit(florence_model, prompt):
+@pytest.mark.parametrize("threads", ["as they come", "for every product"])
+def test_batched_logits_equal_the_one_image_logits_bit_for_bit(florence_model, prompt, threads, monkeypatch):
+    from florence_cli import exact
+
+    if threads == "for every product":  # the tiny model's products are too small for threads otherwise
+        monkeypatch.setattr(exact, "SIDE_BY_SIDE_MIN_WEIGHTS", 0)
+        monkeypatch.setattr(exact, "COLUMN_BLOCKS_MIN_WEIGHTS", 0)
+        monkeypatch.setattr(exact, "BLOCK_WEIGHTS", 0)  # one alignment's width per block
+    in_blocks = []
+    monkeypatch.setattr(exact, "_linear_in_column_blocks", record(exact._linear_in_column_blocks, in_blocks))
     model = florence_model
     size = model.resize_spec.size
     pixels = [np.asarray(random_image(s).resize(size, Image.Resampling.BICUBIC)) for s in range(5)]
@@ -55,15 +113,16 @@ def test_batched_logits_equal_the_one_image_logits_bit_for_bit(florence_model, p
     model.compact_beams = False  # rows stay where they are, so step t of image i is rows 3i..3i+2
     try:
         batched = lm_head_outputs(model, features, prompt, settings)
-        model.reference_shapes = False
+        model.reference_shapes = False  # batched products; and, for one image, the reference's own calls
         batched_products = lm_head_outputs(model, features, prompt, settings)
+        alone = [lm_head_outputs(model, features[i : i + 1], prompt, settings) for i in range(len(features))]
     finally:
         model.compact_beams, model.reference_shapes = True, True
     differs = False
+    assert bool(in_blocks) == (threads == "for every product")
     for image in range(len(features)):
-        alone = lm_head_outputs(model, features[image : image + 1], prompt, settings)
-        assert len(alone) == len(batched)
-        for step, logits in enumerate(alone):
+        assert len(alone[image]) == len(batched)
+        for step, logits in enumerate(alone[image]):
             rows = slice(3 * image, 3 * image + 3)
             assert torch.equal(batched[step][rows], logits), (image, step)
             differs |= not torch.equal(batched_products[step][rows], logits)
