@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.modeling_outputs import BaseModelOutput
 
 from .beam import compacting_beam_search
 from .decode import ResizeSpec
@@ -221,6 +222,9 @@ class FlorenceModel:
         language = self.model.model.language_model
         with self._shapes(1, language.encoder):  # one prompt
             encoder_outputs = self._encode(input_ids, attention_mask, features)
+        # Per-image shapes make each row this image's own encoder states, bit for bit: scoring reuses them.
+        # (Kept aside: generate expands the outputs' tensors to one row per beam in place.)
+        encoder_states = encoder_outputs.last_hidden_state if self.reference_shapes else None
         if self.compact_beams:
             generation = {**generation, "custom_generate": compacting_beam_search}
         config = self.generation_config
@@ -234,22 +238,35 @@ class FlorenceModel:
         for row, sequence in enumerate(output.tolist()):
             sequence = _until_eos(sequence, eos)
             text = self.tokenizer.decode(sequence, skip_special_tokens=False)
-            scores = self.token_logprobs(ids[row], features[row : row + 1], sequence) if scored[row] else []
+            states = None if encoder_states is None else encoder_states[row : row + 1]
+            scores = (
+                self.token_logprobs(ids[row], features[row : row + 1], sequence, encoder_states=states)
+                if scored[row]
+                else []
+            )
             results.append(Generated(sequence, text, scores))
         return results
 
     @torch.inference_mode()
     def token_logprobs(
-        self, prompt_ids: list[int], features: torch.Tensor, sequence: list[int]
+        self,
+        prompt_ids: list[int],
+        features: torch.Tensor,
+        sequence: list[int],
+        encoder_states: torch.Tensor | None = None,
     ) -> list[float]:
         """log p(token | image, prompt, tokens before it) for each token of ``sequence`` after the start.
 
         One teacher-forced pass for this image alone: the figures do not depend on which images shared
         its batch, so scores are as reproducible as the answers (generation's own beam scores are not).
+        ``encoder_states``: the language encoder's output for this image and prompt, if already at hand.
         """
-        input_ids = torch.tensor([prompt_ids], device=self.device)
         tokens = torch.tensor([sequence], device=self.device)
-        encoder_outputs = self._encode(input_ids, torch.ones_like(input_ids), features)
+        if encoder_states is None:
+            input_ids = torch.tensor([prompt_ids], device=self.device)
+            encoder_outputs = self._encode(input_ids, torch.ones_like(input_ids), features)
+        else:
+            encoder_outputs = BaseModelOutput(last_hidden_state=encoder_states)
         logits = self.model(encoder_outputs=encoder_outputs, decoder_input_ids=tokens[:, :-1]).logits
         logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1:, None])
         return logprobs.flatten().tolist()

@@ -95,9 +95,9 @@ def test_only_located_answers_pay_for_a_scoring_pass(annotator, florence_model, 
     scored_lengths = []
     real = florence_model.token_logprobs
 
-    def counting(prompt_ids, features, sequence):
+    def counting(prompt_ids, features, sequence, **kwargs):
         scored_lengths.append(len(sequence))
-        return real(prompt_ids, features, sequence)
+        return real(prompt_ids, features, sequence, **kwargs)
 
     monkeypatch.setattr(florence_model, "token_logprobs", counting)
     images = [random_image(seed) for seed in range(3)]

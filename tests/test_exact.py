@@ -129,3 +129,15 @@ def test_batched_logits_equal_the_one_image_logits_bit_for_bit(florence_model, p
     # Why the per-image shapes exist: batched kernels round otherwise (true of this CPU's MKL and
     # attention kernels; the reason a near tie can flip).
     assert differs
+
+
+def test_scores_from_the_batchs_encoder_states_equal_a_fresh_one_image_pass(florence_model):
+    """Scoring reuses generation's encoder states: per-image shapes make them each image's own."""
+    model = florence_model
+    size = model.resize_spec.size
+    pixels = [np.asarray(random_image(s).resize(size, Image.Resampling.BICUBIC)) for s in range(4)]
+    features = model.image_features(model.pixel_values(pixels))
+    answers = model.generate(features, ["<OD>"] * 4, {"num_beams": 3, "max_new_tokens": 10}, with_scores=True)
+    for image, answer in enumerate(answers):
+        fresh = model.token_logprobs(model.prompt_ids("<OD>"), features[image : image + 1], answer.token_ids)
+        assert answer.token_logprobs == fresh and len(fresh) == len(answer.token_ids) - 1
