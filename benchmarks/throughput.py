@@ -3,7 +3,7 @@
 Builds a random-weight Florence-2 with the real base or large dimensions (nothing is downloaded),
 writes N synthetic JPEGs of realistic sizes, then times
   (a) the reference loop: one image at a time, processor → generate → post_process_generation;
-  (b) ``Annotator.run`` (decode workers, batching, shared image features) through the Python API,
+  (b) ``Annotator.run`` (batching, shared image features, the exact levers) through the Python API,
 checks that both give identical answers, and prints images/s, the ratio (b)/(a), peak RAM and, on
 CUDA, peak GPU memory. Random weights make generation lengths arbitrary, so by default both sides
 generate exactly ``--new-tokens`` tokens (min_new_tokens = max_new_tokens). ``--lengths free`` lets
@@ -13,11 +13,11 @@ the batch pays.
 
 ``--levers`` adds one run per lever with that lever off, so each one's share is measured:
 per-image matrix products (exact; off = batched products, faster, but a near tie may flip), beam
-compaction, decode workers, worker-side resize with device-side normalisation, and (with several
-tasks) one vision pass per image for all tasks; then two levers that are not in the pipeline, to
-show whether they pay: transformers' static key/value cache, and the decoder compiled with
-``torch.compile`` (compile time included). ``--levers compaction,products`` runs only the levers
-whose names hold those words.
+compaction, decode processes (a lever that is off by default, as on CPU, is turned on), worker-side
+resize with device-side normalisation, and (with several tasks) one vision pass per image for all
+tasks; then two levers that are not in the pipeline, to show whether they pay: transformers' static
+key/value cache, and the decoder compiled with ``torch.compile`` (compile time included).
+``--levers compaction,products`` runs only the levers whose names hold those words.
 
     python benchmarks/throughput.py --device cpu --size base -n 8 --batch-sizes 8
     python benchmarks/throughput.py --device cpu --size base -n 8 --lengths free --levers compaction
@@ -44,6 +44,7 @@ from PIL import Image, ImageOps
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from florence_cli.annotate import Annotator, GenerationSettings
+from florence_cli.engine import default_workers
 from florence_cli.model import FlorenceModel, resolve_dtype
 from florence_cli.tasks import resolve_task
 from florence_cli.tiny import build_random, tilt_towards_eos
@@ -179,7 +180,11 @@ def variants(args, tasks: list[str], model: FlorenceModel, generation: Generatio
     found += [
         Variant("batched products", [(like(reference_shapes=False), tasks, args.workers)], generation),
         Variant("no beam compaction", [(plain, tasks, args.workers)], generation),
-        Variant("decode in main process", [(model, tasks, 0)], generation),
+        Variant(
+            "decode in main process" if args.workers else "1 decode process",
+            [(model, tasks, 0 if args.workers else 1)],
+            generation,
+        ),
         Variant("processor preprocessing", [(processor_pixels, tasks, args.workers)], generation),
     ]
     if len(tasks) > 1:
@@ -230,7 +235,7 @@ def main() -> None:
                         help="also run with each lever off in turn (or only those whose name holds "
                         "one of these comma-separated words, e.g. compaction)")  # fmt: skip
     parser.add_argument("--num-beams", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, help="decode processes (default: as florence annotate's)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
 
@@ -244,6 +249,8 @@ def main() -> None:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))  # fmt: skip
     dtype = resolve_dtype(args.dtype, device)
+    if args.workers is None:
+        args.workers = default_workers(device)
     loaded = FlorenceModel(model.to(device, dtype), processor, device, dtype)
     paths = write_images(scratch / "images", args.images)
     exact = args.new_tokens if pinned else None

@@ -84,7 +84,7 @@ def _batch_size(value: str) -> int | str:
     "--workers",
     type=click.IntRange(min=0),
     default=None,
-    help="Decode processes (default: CPUs - 1; 0: none).",
+    help="Decode processes (default: CPUs - 1 with CUDA, none on CPU; 0: none).",
 )
 @click.option(
     "--overwrite", is_flag=True, help="Start over instead of resuming earlier work in the output folder."
@@ -128,9 +128,8 @@ def _batch_size(value: str) -> int | str:
 )
 def annotate(inputs: tuple[str, ...], **flags) -> None:
     """Annotate images (files, folders, or - for paths on stdin) with Florence-2 tasks."""
-    import os
-
     from .annotate import Annotator, GenerationSettings, SettingsMismatch
+    from .engine import default_workers
     from .jobs import parse_requests
     from .model import DEFAULT_MODEL, ModelLoadError
 
@@ -143,9 +142,6 @@ def annotate(inputs: tuple[str, ...], **flags) -> None:
         raise click.UsageError(str(exc)) from None
     batch_size = _batch_size(flags["batch_size"])
     _check_engine_flags(flags)
-    workers = flags["workers"]
-    if workers is None:
-        workers = max(0, min(8, (os.cpu_count() or 1) - 1))
     generation = GenerationSettings(
         flags["num_beams"], flags["max_new_tokens"], flags["no_repeat_ngram_size"]
     )
@@ -170,6 +166,9 @@ def annotate(inputs: tuple[str, ...], **flags) -> None:
             summary = _run_on_ray(inputs, flags, requests, model, settings, common)
         else:
             annotator = Annotator(model, *settings)
+            workers = flags["workers"]
+            if workers is None:
+                workers = default_workers(annotator.model.device)
             summary = annotator.run(inputs, flags["output"], requests, workers=workers, **common)
     except ModelLoadError as exc:
         raise click.ClickException(str(exc)) from None

@@ -4,6 +4,7 @@ writers, errors — is one piece of code whatever runs the model."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -39,6 +40,15 @@ def batches(items: Iterable, size: int | Callable[[], int]) -> Iterator[list]:
     iterator = iter(items)
     while batch := list(islice(iterator, size() if callable(size) else size)):
         yield batch
+
+
+def default_workers(device) -> int:
+    """Decode processes for a model on ``device``: on CUDA, CPUs − 1 (at most 8) keep the GPU fed; on
+    CPU none, as the model's threads use every core and a decode process only competes with them (on
+    2 cores, `<OD>` against the reference went from 1.64× with one worker to 1.97× without)."""
+    if device.type == "cpu":
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
 class LocalEngine:

@@ -57,7 +57,7 @@ def _linear_per_image(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     if (
         in_threads
         and weight.numel() >= COLUMN_BLOCKS_MIN_WEIGHTS
-        and _blocks_give_same_bits(tuple(parts[0].shape), tuple(weight.shape), weight.dtype)
+        and _blocks_give_same_bits(tuple(parts[0].shape), weight, bias)
     ):
         return _linear_in_column_blocks(hidden, parts, weight, bias)
     if len(parts) == 1:
@@ -93,19 +93,24 @@ def _linear_in_column_blocks(
     return torch.cat([torch.cat(image_blocks, dim=-1) for image_blocks in by_image])
 
 
-@functools.cache
+# _blocks_give_same_bits' verdicts by (rows' shape, weights' shape, dtype): kernels decide, not numbers.
+_BLOCK_VERDICTS: dict[tuple, bool] = {}
+
+
 def _blocks_give_same_bits(
-    part_shape: tuple[int, ...], weight_shape: tuple[int, int], dtype: torch.dtype
+    part_shape: tuple[int, ...], weight: torch.Tensor, bias: torch.Tensor | None
 ) -> bool:
-    """Whether this machine's kernel gives a product the same bits in column blocks as in one call
-    (true of MKL on x86; a kernel that summed a column by its position would fail on random numbers)."""
-    generator = torch.Generator().manual_seed(0)
-    part, weight, bias = (torch.randn(shape, generator=generator).to(dtype)
-                          for shape in (part_shape, weight_shape, weight_shape[:1]))  # fmt: skip
-    with torch.inference_mode():
-        return torch.equal(
-            _linear_in_column_blocks(part, (part,), weight, bias), functional.linear(part, weight, bias)
-        )
+    """Whether this machine's kernel gives a product in column blocks the same bits as in one call, tried
+    once per shape on random rows (true of MKL on x86 for blocks of whole 8-column panels; a kernel that
+    summed a column by its position among the others would fail)."""
+    key = (part_shape, tuple(weight.shape), weight.dtype)
+    if key not in _BLOCK_VERDICTS:
+        generator = torch.Generator(weight.device).manual_seed(0)
+        part = torch.randn(part_shape, generator=generator, device=weight.device).to(weight.dtype)
+        with torch.inference_mode():
+            whole = functional.linear(part, weight, bias)
+            _BLOCK_VERDICTS[key] = torch.equal(_linear_in_column_blocks(part, (part,), weight, bias), whole)
+    return _BLOCK_VERDICTS[key]
 
 
 def _side_by_side(function, items) -> list:

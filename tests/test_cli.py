@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -243,3 +244,25 @@ def test_batched_products_flag_is_a_setting_of_the_output_folder(tiny_model, fol
     assert fresh.exit_code == 0 and "exact" not in json.loads(
         (tmp_path / "exact" / ".florence" / "settings.json").read_text()
     )
+
+
+def test_decode_processes_by_default_only_feed_a_gpu(tiny_model, folder, tmp_path, monkeypatch):
+    """On CPU the model's threads use every core, so by default images decode in the main process."""
+    import torch
+
+    from florence_cli.annotate import Annotator
+    from florence_cli.engine import default_workers
+
+    assert default_workers(torch.device("cpu")) == 0
+    assert default_workers(torch.device("cuda")) >= min(1, (os.cpu_count() or 1) - 1)
+    asked = []
+    run = Annotator.run
+    monkeypatch.setattr(
+        Annotator, "run", lambda self, *a, **kw: asked.append(kw["workers"]) or run(self, *a, **kw)
+    )
+    assert _annotate(tiny_model, str(folder), "-t", "OD", "-o", str(tmp_path / "a")).exit_code == 0
+    assert (
+        _annotate(tiny_model, str(folder), "-t", "OD", "-o", str(tmp_path / "b"), "--workers", "2").exit_code
+        == 0
+    )
+    assert asked == [0, 2]

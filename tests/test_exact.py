@@ -32,6 +32,7 @@ def test_linear_layers_multiply_one_images_rows_at_a_time_and_are_restored_after
         blocks_for_every_big_product(monkeypatch)
     in_blocks = []
     monkeypatch.setattr(exact, "_linear_in_column_blocks", record(exact._linear_in_column_blocks, in_blocks))
+    monkeypatch.setattr(exact, "_BLOCK_VERDICTS", {})  # so the kernel's one-off check runs here
     torch.manual_seed(0)
     layer = torch.nn.Linear(width, 1000)
     assert (layer.weight.numel() >= exact.SIDE_BY_SIDE_MIN_WEIGHTS) == (width == 600)
@@ -45,8 +46,7 @@ def test_linear_layers_multiply_one_images_rows_at_a_time_and_are_restored_after
     assert torch.equal(batched, per_image)
     assert batched.requires_grad  # the caller's autograd mode holds in the threads too
     assert torch.equal(alone, per_image[:3])
-    ours = [call for call in in_blocks if call[2] is layer.weight]  # not the one-off check of the kernel
-    assert len(ours) == (2 if "blocks" in case else 0)
+    assert [call[0].shape[0] for call in in_blocks] == ([3, 12, 3] if "blocks" in case else [])  # check first
     assert "forward" not in vars(layer)  # the class's forward is back
 
 
@@ -62,7 +62,7 @@ def test_column_blocks_are_not_used_where_they_would_change_a_bit(monkeypatch):
     from florence_cli import exact
 
     blocks_for_every_big_product(monkeypatch)
-    exact._blocks_give_same_bits.cache_clear()  # the check runs again, on the kernel below
+    monkeypatch.setattr(exact, "_BLOCK_VERDICTS", {})  # the check runs again, on the kernel below
     blocks = exact._linear_in_column_blocks
 
     def rounding_otherwise(hidden, parts, weight, bias):  # a kernel whose blocks round differently
@@ -72,12 +72,10 @@ def test_column_blocks_are_not_used_where_they_would_change_a_bit(monkeypatch):
     torch.manual_seed(0)
     layer = torch.nn.Linear(600, 1000)
     hidden = torch.randn(12, 1, 600)
-    try:
-        with torch.inference_mode(), reference_shapes(3, torch.nn.Sequential(layer)):
-            batched = layer(hidden)
-        assert not exact._blocks_give_same_bits((3, 1, 600), (1000, 600), torch.float32)
-    finally:
-        exact._blocks_give_same_bits.cache_clear()  # forget the verdict on the false kernel
+    with torch.inference_mode(), reference_shapes(3, torch.nn.Sequential(layer)):
+        batched = layer(hidden)
+    verdicts = exact._BLOCK_VERDICTS
+    assert verdicts == {((3, 1, 600), (1000, 600), torch.float32): False}
     assert torch.equal(
         batched, torch.cat([functional.linear(p, layer.weight, layer.bias) for p in hidden.split(3)])
     )
