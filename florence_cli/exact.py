@@ -10,8 +10,10 @@ dimensions: one answer in twelve). So, by default, the linear layers and the att
 language model run on one image's rows at a time — the encoder on one prompt, the decoder on one
 image's beams — exactly as the reference runs them. The rest stays batched (norms, activations,
 embeddings and the search itself are row by row, hence exact), and so does the work around the
-kernels: one Python step, one cache update and one set of logits processors per batch. On CPU the
-images' larger products run side by side, one per core: MKL keeps a few-row product on one core.
+kernels: one Python step, one cache update and one set of logits processors per batch. On CPU a
+decoding step's larger products run side by side, one per core (MKL keeps a few-row product on one
+core), and the output layer's, too big for the cache, go block of columns by block, each block meeting
+every image's rows while it is in cache.
 """
 
 from __future__ import annotations
