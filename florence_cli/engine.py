@@ -14,6 +14,8 @@ from .decode import DecodeFailure, decode_stream
 from .jobs import ImageFailure, WorkItem
 
 if TYPE_CHECKING:
+    import torch
+
     from .annotate import Annotator
     from .parse import Answer
 
@@ -42,7 +44,7 @@ def batches(items: Iterable, size: int | Callable[[], int]) -> Iterator[list]:
         yield batch
 
 
-def default_workers(device) -> int:
+def default_workers(device: torch.device) -> int:
     """Decode processes for a model on ``device``: on CUDA, CPUs − 1 (at most 8) keep the GPU fed; on
     CPU none, as the model's threads use every core and a decode process only competes with them (on
     2 cores, `<OD>` ran 3 to 20 % faster without one)."""

@@ -61,7 +61,7 @@ def _linear_per_image(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         and weight.numel() >= COLUMN_BLOCKS_MIN_WEIGHTS
         and _blocks_give_same_bits(tuple(parts[0].shape), weight, bias)
     ):
-        return _linear_in_column_blocks(hidden, parts, weight, bias)
+        return _linear_in_column_blocks(parts, weight, bias)
     if len(parts) == 1:
         return functional.linear(hidden, weight, bias)
     if in_threads and weight.numel() >= SIDE_BY_SIDE_MIN_WEIGHTS:
@@ -70,13 +70,12 @@ def _linear_per_image(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _linear_in_column_blocks(
-    hidden: torch.Tensor, parts: tuple[torch.Tensor, ...], weight: torch.Tensor, bias: torch.Tensor | None
+    parts: tuple[torch.Tensor, ...], weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """Each image's product, computed block of output columns by block, the blocks shared out to the
     cores: a block of weights is read from memory once, while it is in cache, for every image (a
     few-row product is bound by reading its weights). A column's sum does not depend on the columns
     computed beside it on this machine's kernel — checked once per shape: ``_blocks_give_same_bits``."""
-
     block = max(1, BLOCK_WEIGHTS // weight.shape[1] // BLOCK_ALIGNMENT) * BLOCK_ALIGNMENT
 
     def products(starts: range) -> list[list[torch.Tensor]]:
@@ -111,7 +110,7 @@ def _blocks_give_same_bits(
         part = torch.randn(part_shape, generator=generator, device=weight.device).to(weight.dtype)
         with torch.inference_mode():
             whole = functional.linear(part, weight, bias)
-            _BLOCK_VERDICTS[key] = torch.equal(_linear_in_column_blocks(part, (part,), weight, bias), whole)
+            _BLOCK_VERDICTS[key] = torch.equal(_linear_in_column_blocks((part,), weight, bias), whole)
     return _BLOCK_VERDICTS[key]
 
 
