@@ -260,9 +260,7 @@ def test_decode_processes_by_default_only_feed_a_gpu(tiny_model, folder, tmp_pat
     monkeypatch.setattr(
         Annotator, "run", lambda self, *a, **kw: asked.append(kw["workers"]) or run(self, *a, **kw)
     )
-    assert _annotate(tiny_model, str(folder), "-t", "OD", "-o", str(tmp_path / "a")).exit_code == 0
-    assert (
-        _annotate(tiny_model, str(folder), "-t", "OD", "-o", str(tmp_path / "b"), "--workers", "2").exit_code
-        == 0
-    )
+    default = _annotate(tiny_model, str(folder), "-t", "OD", "-o", str(tmp_path / "a"))
+    two = _annotate(tiny_model, str(folder), "-t", "OD", "-o", str(tmp_path / "b"), "--workers", "2")
+    assert default.exit_code == 0 and two.exit_code == 0
     assert asked == [0, 2]

@@ -40,15 +40,17 @@ def test_linear_layers_multiply_one_images_rows_at_a_time_and_are_restored_after
     with reference_shapes(3, torch.nn.Sequential(layer)):
         batched = layer(hidden)
         alone = layer(hidden[:3])  # one image: one product, or its columns in blocks
+        small = layer(hidden[:2])  # fewer rows than a group: one product
     per_image = torch.cat(
         [functional.linear(hidden[i : i + 3], layer.weight, layer.bias) for i in (0, 3, 6, 9)]
     )
     assert torch.equal(batched, per_image)
     assert batched.requires_grad  # the caller's autograd mode holds in the threads too
     assert torch.equal(alone, per_image[:3])
-    assert [len(call[0]) for call in in_blocks] == (
-        [1, 4, 1] if "blocks" in case else []
-    )  # images; check first
+    assert torch.equal(small, functional.linear(hidden[:2], layer.weight, layer.bias))
+    # images per call: the kernel's check for 3-row parts, the batch, one image; the check for 2 rows, 2 rows
+    images_per_block_call = [len(call[0]) for call in in_blocks]
+    assert images_per_block_call == ([1, 4, 1, 1, 1] if "blocks" in case else [])
     assert "forward" not in vars(layer)  # the class's forward is back
 
 
