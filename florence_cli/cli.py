@@ -63,17 +63,19 @@ def convert(source: str, destination: str, allow_pickle: bool) -> None:
     """Convert an original-format (Microsoft) checkpoint SOURCE into a native one at DESTINATION."""
     from pathlib import Path
 
-    from .model import ModelLoadError, model_folder
-    from .original import OriginalCheckpointError, convert_checkpoint, is_original_layout
+    from .checkpoint import ModelLoadError, checkpoint_layout, console_shielded, first_line, locate_model
+    from .original import OriginalCheckpointError, convert_checkpoint
 
     quiet_libraries(quiet=False)
     try:
-        folder = model_folder(source, allow_pickle=allow_pickle)
-        if not is_original_layout(folder):
+        folder = locate_model(source, allow_pickle=allow_pickle)
+        if checkpoint_layout(folder) != "original":
             raise click.ClickException(f"{source} is not an original-format Florence-2 checkpoint")
-        click.echo(str(convert_checkpoint(folder, Path(destination), allow_pickle=allow_pickle)))
+        with console_shielded():
+            converted = convert_checkpoint(folder, Path(destination), allow_pickle=allow_pickle)
     except (ModelLoadError, OriginalCheckpointError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(first_line(exc)) from None
+    click.echo(str(converted))
 
 
 @main.command("make-tiny-model")

@@ -11,8 +11,7 @@ token-identical.
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,15 +21,22 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from .beam import compacting_beam_search
+from .checkpoint import (
+    PICKLE,
+    SAFETENSORS,
+    SAFETENSORS_INDEX,
+    ModelLoadError,
+    checkpoint_layout,
+    console_shielded,
+    first_line,
+    locate_model,
+    pickle_refused,
+)
 from .decode import ResizeSpec
 from .exact import reference_shapes
 
 DEFAULT_MODEL = "mrhendrey/Florence-2-large-ft-safetensors"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-class ModelLoadError(Exception):
-    """A model that cannot be found or loaded; the message is one line for the user."""
 
 
 @dataclass
@@ -65,26 +71,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r} (use auto, fp16, bf16 or fp32)")
     return DTYPES[dtype]
-
-
-def model_folder(model: str, allow_pickle: bool = False) -> Path:
-    """A local folder holding ``model``: the folder itself, or the Hub snapshot (cache and
-    ``HF_HUB_OFFLINE`` respected)."""
-    if os.path.isdir(model):
-        return Path(model)
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.txt", "*.safetensors", "*.model"] + (["*.bin"] if allow_pickle else [])
-    try:
-        return Path(snapshot_download(model, allow_patterns=patterns))
-    except Exception as exc:  # hub errors are many; the user needs one line
-        offline = " (HF_HUB_OFFLINE is set and it is not in the cache)" if _offline() else ""
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot find model {model!r}{offline}: {reason}") from None
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
 
 
 class FlorenceModel:
@@ -133,8 +119,8 @@ class FlorenceModel:
         """Load a native or original-format checkpoint from a folder or the Hub."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
-        folder = model_folder(model, allow_pickle=allow_pickle)
-        loaded, processor = _load_folder(folder, torch_dtype, allow_pickle)
+        folder = locate_model(model, allow_pickle=allow_pickle)
+        loaded, processor = load_checkpoint(folder, torch_dtype, allow_pickle)
         return cls(
             loaded.to(torch_device), processor, torch_device, torch_dtype, reference_shapes=reference_shapes
         )
@@ -337,22 +323,82 @@ def _fast_pixels(image_processor) -> tuple[ResizeSpec, torch.Tensor | None]:
     return ResizeSpec(size=(size["width"], size["height"]), resample=resample), lut
 
 
-def _load_folder(folder: Path, dtype: torch.dtype, allow_pickle: bool):
+def load_checkpoint(folder: Path, dtype: torch.dtype, allow_pickle: bool = False) -> tuple[Any, Any]:
+    """The model (in ``dtype``) and processor of a local checkpoint, checked first (``checkpoint_layout``)
+    and built by florence-cli's code or transformers' own classes, never the checkpoint's."""
     from . import original
 
-    if original.is_original_layout(folder):
-        try:
+    layout = checkpoint_layout(folder)
+    with _loading(folder):
+        if layout == "original":
             return original.load_original(folder, dtype=dtype, allow_pickle=allow_pickle)
-        except original.OriginalCheckpointError as exc:
-            raise ModelLoadError(str(exc)) from None
-    from transformers import AutoProcessor, Florence2ForConditionalGeneration
+        processor = _native_processor(folder)
+        return _native_model(folder, dtype, allow_pickle), processor
 
-    try:
-        processor = AutoProcessor.from_pretrained(folder)
-        model = Florence2ForConditionalGeneration.from_pretrained(
-            folder, dtype=dtype, use_safetensors=None if allow_pickle else True
+
+def load_processor(folder: Path) -> Any:
+    """The processor alone (no weights read), checked and built as by ``load_checkpoint``."""
+    from . import original
+
+    layout = checkpoint_layout(folder)
+    with _loading(folder):
+        return original.load_original_processor(folder) if layout == "original" else _native_processor(folder)
+
+
+@contextlib.contextmanager
+def _loading(folder: Path) -> Iterator[None]:
+    """Loading ``folder``: off stdout and stdin, and any failure one ``ModelLoadError`` line."""
+    from .original import OriginalCheckpointError
+
+    with console_shielded():
+        try:
+            yield
+        except ModelLoadError:
+            raise
+        except OriginalCheckpointError as exc:
+            raise ModelLoadError(first_line(exc)) from None
+        except Exception as exc:  # transformers' errors are many; the user needs one line
+            raise ModelLoadError(
+                f"cannot load a Florence-2 checkpoint from {folder}: {first_line(exc)}"
+            ) from None
+
+
+def _native_processor(folder: Path):
+    from transformers import Florence2Processor
+
+    return Florence2Processor.from_pretrained(folder, trust_remote_code=False)
+
+
+def _native_model(folder: Path, dtype: torch.dtype, allow_pickle: bool):
+    """Transformers' Florence-2 model with every tensor from the checkpoint: none missing, none left over,
+    none reshaped (loaded alone, those would become random weights or be dropped with a mere warning)."""
+    from transformers import Florence2ForConditionalGeneration
+
+    if not allow_pickle and not any((folder / name).is_file() for name in (SAFETENSORS, SAFETENSORS_INDEX)):
+        raise ModelLoadError(pickle_refused(folder / PICKLE))
+    model, info = Florence2ForConditionalGeneration.from_pretrained(
+        folder, dtype=dtype, use_safetensors=None if allow_pickle else True, trust_remote_code=False,
+        output_loading_info=True, ignore_mismatched_sizes=True,
+    )  # fmt: skip
+    misshaped = [
+        f"{name} ({list(stored)}, config.json implies {list(wanted)})"
+        for name, stored, wanted in sorted(info["mismatched_keys"])
+    ]
+    unfit = [
+        _tensors("missing", sorted(info["missing_keys"])),
+        _tensors("unexpected", sorted(info["unexpected_keys"])),
+        _tensors("misshaped", misshaped),
+    ]
+    if any(unfit):
+        raise ModelLoadError(
+            f"{folder}: the weights do not fit config.json: {'; '.join(filter(None, unfit))}"
         )
-    except (OSError, ValueError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load a Florence-2 checkpoint from {folder}: {reason}") from None
-    return model, processor
+    return model
+
+
+def _tensors(kind: str, names: list[str], shown: int = 3) -> str:
+    """``kind`` tensors a, b, c and N more — or "" when there are none."""
+    if not names:
+        return ""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{kind} tensors {', '.join(names[:shown])}{more}"

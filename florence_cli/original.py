@@ -3,7 +3,8 @@
 The ``microsoft/Florence-2-*`` repos (and copies of them) ship remote code: a DaViT/BART config,
 weights under the remote code's names, BART's bare tokenizer and a CLIP preprocessor config. The
 native classes "load" such a folder with random weights and mere warnings, so the layout is detected
-explicitly, and every tensor is renamed, shape-checked and loaded here; remote code never runs.
+explicitly (checkpoint.py), and every tensor is renamed, shape-checked and loaded here; remote code
+never runs.
 
 Two facts of the original that the native model has no field for are kept in the model itself: the
 vocabulary has no ``<image>`` (its logit is -inf) and ``final_logits_bias`` is added to the logits
@@ -19,13 +20,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import PICKLE, PICKLE_INDEX, SAFETENSORS, SAFETENSORS_INDEX, pickle_refused
 from .postconfig import post_processor_config
 from .tiny import IMAGE_TOKEN, microsoft_added_tokens
 
 log = logging.getLogger(__name__)
-
-SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
-PICKLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 
 # Microsoft's remote code generates through its language model, whose generation settings come from
 # text_config; transformers 5's BartConfig drops most of them, so they are carried over by hand.
@@ -65,7 +64,6 @@ TIED = (
 BIAS = "language_model.final_logits_bias"
 PROJECTION = "image_projection"  # a raw [dim, projection_dim] Parameter; the native Linear holds its .T
 UNUSED = ("vision_tower.norms.", "vision_tower.head.")  # DaViT's classifier, which Florence-2 never runs
-ORIGINAL_PREFIXES = ("language_model.", "vision_tower.", PROJECTION, "image_pos_embed.", "image_proj_norm.")
 
 # Native name -> original name, applied in order; the one table serves loading and writing twins.
 _RENAMES = [
@@ -89,19 +87,6 @@ class OriginalCheckpointError(Exception):
     """An original checkpoint that cannot be loaded faithfully; the message names the file or tensor."""
 
 
-def is_original_layout(folder: Path) -> bool:
-    """True for Microsoft's layout, judged from config.json and tensor names (never by trying to load)."""
-    try:
-        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    vision = config.get("vision_config")
-    vision = vision if isinstance(vision, dict) else {}
-    if "auto_map" in config or vision.get("model_type") == "davit" or "dim_embed" in vision:
-        return True
-    return any(name.startswith(ORIGINAL_PREFIXES) for name in _safetensors_names(Path(folder)))
-
-
 def load_original(folder: Path, *, dtype, allow_pickle: bool = False) -> tuple[Any, Any]:
     """Load an original-format folder as ``(model, processor)``, the model in eval mode.
 
@@ -112,6 +97,12 @@ def load_original(folder: Path, *, dtype, allow_pickle: bool = False) -> tuple[A
     model, bias = _native_model(folder, allow_pickle, dtype)
     _install_logits_bias(model, bias)
     return model, _processor(folder, model.config)
+
+
+def load_original_processor(folder: Path) -> Any:
+    """The native processor of an original-format folder, as ``load_original`` builds it (no weights read)."""
+    folder = Path(folder)
+    return _processor(folder, _native_config(_read_json(folder / "config.json"), folder / "config.json"))
 
 
 def convert_checkpoint(src: Path, dst: Path, *, allow_pickle: bool = False) -> Path:
@@ -326,10 +317,7 @@ def _read_weights(folder: Path, allow_pickle: bool) -> dict:
 
     files, pickled = _weight_files(folder)
     if pickled and not allow_pickle:
-        raise OriginalCheckpointError(
-            f"{files[0]} is a pickle, and unpickling can run arbitrary code; pass --allow-pickle if you "
-            "trust it (it is then read with torch.load(weights_only=True)), or use a safetensors copy"
-        )
+        raise OriginalCheckpointError(pickle_refused(files[0]))
     state = {}
     for path in files:
         try:
@@ -350,18 +338,6 @@ def _weight_files(folder: Path) -> tuple[list[Path], bool]:
             shards = sorted(set(_read_json(folder / index)["weight_map"].values()))
             return [folder / shard for shard in shards], pickled
     raise OriginalCheckpointError(f"{folder}: no {SAFETENSORS} or {PICKLE} found")
-
-
-def _safetensors_names(folder: Path) -> list[str]:
-    """Tensor names from a safetensors header or index, read without torch."""
-    if (folder / SAFETENSORS_INDEX).is_file():
-        return list(_read_json(folder / SAFETENSORS_INDEX).get("weight_map", {}))
-    try:
-        with open(folder / SAFETENSORS, "rb") as handle:
-            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-    except (OSError, ValueError):
-        return []
-    return [name for name in header if name != "__metadata__"]
 
 
 def _original_name(native_key: str) -> str:

@@ -132,17 +132,13 @@ def plan_placement(nodes: list[dict[str, float]], device: str, options: RayOptio
 
 
 def driver_resize_spec(model: str, allow_pickle: bool = False) -> ResizeSpec:
-    """The decode stage's resize, from the checkpoint's image-processor settings (no weights loaded)."""
-    from transformers import AutoImageProcessor
+    """The decode stage's resize, from the checkpoint's image-processor settings (no weights loaded; the
+    folder is checked and its processor built as the replicas' models will be)."""
+    from .checkpoint import locate_model
+    from .model import _fast_pixels, load_processor
 
-    from .model import ModelLoadError, _fast_pixels, model_folder
-
-    folder = model_folder(model, allow_pickle=allow_pickle)
-    try:
-        processor = AutoImageProcessor.from_pretrained(folder)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"cannot read the image processor of {folder}: {exc}") from None
-    return _fast_pixels(processor)[0]
+    processor = load_processor(locate_model(model, allow_pickle=allow_pickle))
+    return _fast_pixels(processor.image_processor)[0]
 
 
 # -- stages: these run on Ray workers -------------------------------------------------------------------

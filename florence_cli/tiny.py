@@ -79,7 +79,9 @@ def _with_image_token(tokenizer, folder: Path):
     from transformers import BartTokenizer
 
     tokenizer.save_pretrained(folder)
-    return BartTokenizer.from_pretrained(folder, extra_special_tokens={"image_token": IMAGE_TOKEN})
+    return BartTokenizer.from_pretrained(
+        folder, extra_special_tokens={"image_token": IMAGE_TOKEN}, trust_remote_code=False
+    )
 
 
 def build_processor(tokenizer_folder: Path, image_size: int = 128, base_vocab: int | None = None):

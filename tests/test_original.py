@@ -17,10 +17,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, Florence2ForConditionalGeneration, LogitsProcessor
 
+from florence_cli.checkpoint import is_original_layout
 from florence_cli.original import (
     OriginalCheckpointError,
     convert_checkpoint,
-    is_original_layout,
     load_original,
     write_original_twin,
 )
