@@ -12,6 +12,12 @@ import click
 from .tasks import TASKS
 
 
+class Refusal(click.ClickException):
+    """A refusal before any work is done (e.g. a model that cannot be loaded): one line, exit status 2."""
+
+    exit_code = 2
+
+
 class LazyGroup(click.Group):
     """A group whose subcommands live in modules imported on first use."""
 
@@ -74,7 +80,7 @@ def convert(source: str, destination: str, allow_pickle: bool) -> None:
         with console_shielded():
             converted = convert_checkpoint(folder, Path(destination), allow_pickle=allow_pickle)
     except (ModelLoadError, OriginalCheckpointError) as exc:
-        raise click.ClickException(first_line(exc)) from None
+        raise Refusal(first_line(exc)) from None
     click.echo(str(converted))
 
 

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .cli import quiet_libraries
+from .cli import Refusal, quiet_libraries
 from .tasks import TaskError
 
 
@@ -171,7 +171,7 @@ def annotate(inputs: tuple[str, ...], **flags) -> None:
                 workers = default_workers(annotator.model.device)
             summary = annotator.run(inputs, flags["output"], requests, workers=workers, **common)
     except ModelLoadError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise Refusal(str(exc)) from None
     except SettingsMismatch as exc:
         raise click.UsageError(str(exc)) from None
     if not quiet:

@@ -112,7 +112,7 @@ def test_usage_errors_come_before_loading_the_model(tmp_path, folder):
 def test_missing_model_is_one_clear_line(tmp_path, folder, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = CliRunner().invoke(main, ["annotate", str(folder), "-t", "OD", "-m", "nobody/no-such-model"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "cannot find model 'nobody/no-such-model'" in result.output
     assert "Traceback" not in result.output
 

@@ -74,7 +74,7 @@ def test_pickled_original_needs_allow_pickle(tiny_model, images, tmp_path):
         str(tmp_path / "o"),
     ]
     refused = CliRunner().invoke(main, args)
-    assert refused.exit_code == 1 and "--allow-pickle" in refused.output and "Traceback" not in refused.output
+    assert refused.exit_code == 2 and "--allow-pickle" in refused.output and "Traceback" not in refused.output
     assert len(refused.output.strip().splitlines()) == 1
     allowed = _annotate_jsonl(twin, images, tmp_path / "allowed", "--allow-pickle")
     assert allowed == _annotate_jsonl(tiny_model, images, tmp_path / "native")
