@@ -1,21 +1,24 @@
 """Resume and crash safety: every finished (image, task) answer is appended to a journal.
 
-The journal is the source of truth: final COCO files are rebuilt from it, in input order, so a run
-that was killed and resumed ends with exactly the files an uninterrupted run writes. Done work is
-keyed on identity (name, size, mtime, task, prompt), never on position.
+The journal is the source of truth: final COCO files are rebuilt from everything it holds, in name
+order, so a run that was killed and resumed ends with exactly the files an uninterrupted run writes,
+and a run on a subset of the images adds to the files instead of replacing them. Done work is keyed on
+identity (name, size, mtime, task, prompt), never on position.
 """
 
 from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import json
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 
-from .discover import ImageRef
+from .discover import ImageRef, name_order
 
 _SORT_CHUNK = 50_000  # records sorted in memory at once when rebuilding outputs
 
@@ -30,74 +33,101 @@ def work_key(ref: ImageRef, job_identity: str) -> bytes:
     return hashlib.blake2b(f"{ref.name}\0{identity}\0{job_identity}".encode(), digest_size=12).digest()
 
 
+def read_record(line: bytes | str) -> dict | None:
+    """A journal line's record, or None for a line that is not one (damaged by a crash or by hand)."""
+    try:
+        record = json.loads(line)
+        bytes.fromhex(record["key"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    return record if isinstance(record.get("file"), str) and isinstance(record.get("task"), str) else None
+
+
+def job_identity(record: dict) -> str:
+    """The job a record answers (records written before ``job`` was stored: task and text input)."""
+    return record.get("job") or f"{record['task']}\0{record.get('text') or ''}"
+
+
 class Journal:
-    """An append-only JSONL file of finished records, each carrying its work key and sort order."""
+    """An append-only JSONL file of finished records, each carrying its work key and output name."""
 
     def __init__(self, path: Path):
         self.path = path
         self.done: set[bytes] = set()
+        self.damaged_lines = 0  # lines that hold no record; skipped, never dropped with what follows
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             self._recover()
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the run's lifetime
+        self._file = open(path, "ab")  # noqa: SIM115 - open for the run's lifetime
 
     def _recover(self) -> None:
-        """Read what earlier runs finished; drop a last line cut short by a crash."""
+        """Read what earlier runs finished; cut off a last line that a crash left without its end."""
         good_bytes = 0
         with open(self.path, "rb") as file:
             for line in file:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    break
                 if not line.endswith(b"\n"):
                     break
-                self.done.add(bytes.fromhex(record["key"]))
                 good_bytes += len(line)
+                record = read_record(line)
+                if record is None:
+                    self.damaged_lines += 1
+                else:
+                    self.done.add(bytes.fromhex(record["key"]))
         if good_bytes != self.path.stat().st_size:
             with open(self.path, "r+b") as file:
                 file.truncate(good_bytes)
 
     def append(self, records: list[dict]) -> None:
-        """Commit finished records (a batch at a time): written and flushed before it returns."""
-        self._file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        """Commit finished records (a batch at a time): on disk before it returns. If writing fails
+        (a full disk), the journal is cut back to what it held, so it never keeps half a batch."""
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+        size = self._file.tell()
+        try:
+            self._file.write(data)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError:
+            self._file = _reopen_at(self.path, self._file, size)
+            raise
         self.done.update(bytes.fromhex(r["key"]) for r in records)
 
     def close(self) -> None:
         self._file.close()
 
-    def sorted_records(self, keep: set[bytes] | None = None) -> Iterator[dict]:
-        """All records in input order (then task order), the latest per key, limited to ``keep``.
+    def sorted_records(self) -> Iterator[dict]:
+        """Every image's records in name order: per job, the latest; in the order of the jobs.
 
         Sorted in chunks on disk and merged, so memory stays flat however long the journal is.
         """
         with tempfile.TemporaryDirectory(dir=self.path.parent) as scratch:
-            chunks = list(self._sorted_chunks(Path(scratch), keep))
-            readers = [_read_chunk(c) for c in chunks]
-            previous = None
-            for sort_key, record in heapq.merge(*readers, key=lambda item: item[0]):
-                identity = sort_key[:2]
-                if previous is not None and previous[0][:2] != identity:
-                    yield previous[1]
-                previous = (sort_key, record)
-            if previous is not None:
-                yield previous[1]
+            chunks = list(self._sorted_chunks(Path(scratch)))
+            merged = heapq.merge(*(_read_chunk(c) for c in chunks), key=lambda item: item[0])
+            for _, group in itertools.groupby((record for _, record in merged), key=lambda r: r["file"]):
+                latest = {job_identity(record): record for record in group}  # later lines win
+                yield from sorted(latest.values(), key=lambda r: (r.get("job_index", 0), job_identity(r)))
 
-    def _sorted_chunks(self, scratch: Path, keep: set[bytes] | None) -> Iterator[Path]:
+    def _sorted_chunks(self, scratch: Path) -> Iterator[Path]:
         chunk: list[tuple[list, dict]] = []
-        with open(self.path, encoding="utf-8") as file:
+        with open(self.path, "rb") as file:
             for line_number, line in enumerate(file):
-                record = json.loads(line)
-                if keep is not None and bytes.fromhex(record["key"]) not in keep:
+                record = read_record(line)
+                if record is None:
                     continue
-                chunk.append(([record["order"], record["job_index"], line_number], record))
+                chunk.append(([name_order(record["file"]), line_number], record))
                 if len(chunk) >= _SORT_CHUNK:
                     yield _write_chunk(scratch, chunk)
                     chunk = []
         if chunk:
             yield _write_chunk(scratch, chunk)
+
+
+def _reopen_at(path: Path, file, size: int):
+    """Close ``file`` (its unwritten buffer is lost), cut ``path`` back to ``size``, open it to append."""
+    with suppress(OSError):  # the flush of a full disk fails again
+        file.close()
+    with open(path, "r+b") as cut:
+        cut.truncate(size)
+    return open(path, "ab")
 
 
 def _write_chunk(scratch: Path, chunk: list[tuple[list, dict]]) -> Path:

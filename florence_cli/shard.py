@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,9 +16,10 @@ from pathlib import Path
 
 import click
 
+from .discover import name_order
+from .journal import read_record
+from .outdir import STATE
 from .writers import atomic_writer
-
-STATE = ".florence"
 
 
 @dataclass(frozen=True)
@@ -69,21 +69,21 @@ class MergeSummary:
 def merge(folders: list[Path], output: Path) -> MergeSummary:
     """Write into ``output`` the files a single run over all the shards' images writes.
 
-    COCO files: images in input order (from the journals), image and annotation ids renumbered,
-    categories unified by name. Text files are copied; JSONL files in the folders are merged in input
-    order; ``errors.jsonl`` is the shards' errors one after the other. The journals are concatenated,
+    COCO files: images in name order, image and annotation ids renumbered, categories unified by name.
+    Text files are copied; JSONL files in the folders are merged in name order; ``errors.jsonl`` is
+    the shards' errors one after the other. The journals are concatenated,
     so ``florence annotate`` resumes in ``output`` as it would in a single run's folder.
     """
     folders = [Path(f) for f in folders]
     settings = _common_settings(folders)
     if output.exists() and any(output.iterdir()):
         raise MergeError(f"{output} is not empty; merge into a new folder")
-    order = _input_order(folders)
+    journaled = {record["file"] for folder in folders for _, record in _journal(folder)}
     coco_names = _same_files(folders, lambda folder: (p.name for p in folder.glob("*.json")))
-    images = {name: _merge_coco([f / name for f in folders], output / name, order) for name in coco_names}
+    images = {name: _merge_coco([f / name for f in folders], output / name, journaled) for name in coco_names}
     text_files = _copy_text_files(folders, output)
     for name in _same_files(folders, lambda folder: (p.name for p in folder.glob("*.jsonl"))):
-        _merge_jsonl([f / name for f in folders], output / name, order if name != "errors.jsonl" else None)
+        _merge_jsonl([f / name for f in folders], output / name, sort=name != "errors.jsonl")
     with atomic_writer(output / STATE / "journal.jsonl") as file:
         for folder in folders:
             file.writelines(line for line, _ in _journal(folder))
@@ -113,22 +113,14 @@ def _common_settings(folders: list[Path]) -> dict:
     return common or {}
 
 
-def _input_order(folders: list[Path]) -> dict[str, list]:
-    """Each image's place in the input order, from the journals (names alone cannot tell it)."""
-    return {record["file"]: record["order"] for folder in folders for _, record in _journal(folder)}
-
-
 def _journal(folder: Path) -> Iterator[tuple[str, dict]]:
-    """A folder's journal lines and records, up to a last line that a killed run cut short."""
-    with open(folder / STATE / "journal.jsonl", encoding="utf-8") as journal:
+    """A folder's journal lines and records: damaged lines and a last line that a killed run cut short
+    are skipped."""
+    with open(folder / STATE / "journal.jsonl", encoding="utf-8", errors="replace") as journal:
         for line in journal:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                return
-            if not line.endswith("\n"):
-                return
-            yield line, record
+            record = read_record(line) if line.endswith("\n") else None
+            if record is not None:
+                yield line, record
 
 
 def _same_files(folders: list[Path], names) -> list[str]:
@@ -139,7 +131,7 @@ def _same_files(folders: list[Path], names) -> list[str]:
     return found[0]
 
 
-def _merge_coco(paths: list[Path], output: Path, order: dict[str, list]) -> int:
+def _merge_coco(paths: list[Path], output: Path, journaled: set[str]) -> int:
     shards = [json.loads(path.read_text(encoding="utf-8")) for path in paths]
     if any(shard["info"] != shards[0]["info"] for shard in shards):
         raise MergeError(f"{output.name}: the shards were made by different tasks or models")
@@ -160,9 +152,9 @@ def _merge_coco(paths: list[Path], output: Path, order: dict[str, list]) -> int:
             name = image["file_name"]
             if seen.setdefault(name, path) != path:  # (one image has a record per query of a task)
                 raise MergeError(f"{name} is in both {seen[name]} and {path}")
-            if name not in order:
+            if name not in journaled:
                 raise MergeError(f"{path}: {name} has no record in its folder's journal")
-            entries.append((order[name], image, annotations.get(image["id"], [])))
+            entries.append((name_order(name), image, annotations.get(image["id"], [])))
     entries.sort(key=lambda entry: entry[0])  # stable: an image's records keep their order
     merged = {"info": shards[0]["info"], "images": [], "annotations": [], "categories": []}
     for image_id, (_, image, annotations) in enumerate(entries, start=1):
@@ -200,12 +192,11 @@ def _answer_files(folder: Path) -> Iterator[Path]:
         yield from sorted(p for p in task_folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def _merge_jsonl(paths: list[Path], output: Path, order: dict[str, list] | None) -> None:
-    """One line per record; in input order when ``order`` is given (a stable sort keeps task order;
-    a line a killed run wrote without journaling it goes last)."""
+def _merge_jsonl(paths: list[Path], output: Path, sort: bool) -> None:
+    """One line per record; in name order when ``sort`` (a stable sort keeps task order)."""
     lines = [line for path in paths for line in path.read_text(encoding="utf-8").splitlines(keepends=True)]
-    if order is not None:
-        lines.sort(key=lambda line: order.get(json.loads(line)["file"], [math.inf]))
+    if sort:
+        lines.sort(key=lambda line: name_order(json.loads(line)["file"]))
     with atomic_writer(output) as file:
         file.writelines(lines)
 
