@@ -12,24 +12,39 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
 from .tasks import Task
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give: the user's umask applies (mkstemp's 0600 would not)
+
+
 @contextmanager
 def atomic_writer(path: Path, mode: str = "w"):
-    """Open a temporary file beside ``path``; on success rename it over ``path``."""
+    """Open a temporary file beside ``path``; on success rename it over ``path``.
+
+    The temporary name is short (an image name near the file system's 255-byte limit still fits), and
+    the file gets the mode a plain ``open`` would give under the user's umask.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".florence-", suffix=".tmp")
     try:
+        os.fchmod(handle, FILE_MODE)
         with os.fdopen(handle, mode, encoding="utf-8" if "b" not in mode else None) as file:
             yield file
         os.replace(temporary, path)
     except BaseException:
-        os.unlink(temporary)
+        with suppress(OSError):
+            os.unlink(temporary)
         raise
 
 
@@ -43,17 +58,28 @@ def write_text(output: Path, task: Task, name: str, text: str) -> None:
         file.write(text)
 
 
+class StdoutClosed(Exception):
+    """Standard output was closed by its reader (``florence annotate … --jsonl - | head``)."""
+
+
 class JsonlSink:
     """One JSON object per line, flushed as each answer finishes; ``-`` is standard output."""
 
     def __init__(self, target: str):
+        self.target = target
         self._own = target != "-"
         self._file: IO[str] = open(target, "a", encoding="utf-8") if self._own else sys.stdout  # noqa: SIM115
 
     def write(self, records: Iterable[dict]) -> None:
-        for record in records:
-            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
+        """Write and flush; a reader that closed standard output raises ``StdoutClosed``."""
+        try:
+            for record in records:
+                self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._file.flush()
+        except BrokenPipeError:
+            if self._own:
+                raise
+            raise StdoutClosed from None
 
     def close(self) -> None:
         if self._own:

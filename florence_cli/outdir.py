@@ -1,0 +1,134 @@
+"""The output folder a run owns: its lock, settings, journal, errors log and answer files.
+
+Everything that can be known about the folder is checked when it is opened — before a model loads: it
+can be created and written, has room, is not in use by another run, and holds no answers made with
+other settings. Write errors later in the run are told apart: one that concerns one file (a name too
+long, a clash with a folder) fails that image; one that concerns the folder (a full or read-only
+file system) stops the run with the journal intact.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .journal import Journal
+from .tasks import Task
+from .writers import atomic_writer, text_path
+
+STATE = ".florence"
+# Errors that stop every later write too; any other write error is the file's own.
+_FOLDER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no lock
+    fcntl = None  # type: ignore[assignment]
+
+
+class OutputError(Exception):
+    """The output folder cannot be used or written; the message is one line for the user."""
+
+
+class SettingsMismatch(OutputError):
+    """The output folder holds results made with other settings."""
+
+
+class FolderInUse(OutputError):
+    """Another run holds the output folder's lock."""
+
+
+def stops_the_run(exc: OSError) -> bool:
+    """Whether a write error concerns the whole folder (a full or read-only file system)."""
+    return exc.errno in _FOLDER_ERRNOS
+
+
+def describe_os_error(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+class OutputFolder:
+    """An output folder opened for one run; ``close`` releases it."""
+
+    def __init__(self, path: str | Path, settings: dict, overwrite: bool = False):
+        self.path = Path(path)
+        self.state = self.path / STATE
+        self._lock: int | None = None
+        try:
+            self._open(settings, overwrite)
+        except OSError as exc:
+            self.close()
+            raise OutputError(f"cannot write to {self.path}: {describe_os_error(exc)}") from None
+        except OutputError:
+            self.close()
+            raise
+
+    def _open(self, settings: dict, overwrite: bool) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise OutputError(f"{self.path} is not a folder")
+        self.state.mkdir(parents=True, exist_ok=True)
+        self._lock = _take_lock(self.state, self.path)
+        if overwrite:
+            for name in ("journal.jsonl", "settings.json"):
+                (self.state / name).unlink(missing_ok=True)
+        if shutil.disk_usage(self.path).free == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.journal = Journal(self.state / "journal.jsonl")
+        _check_settings(self.state / "settings.json", settings, holds_answers=bool(self.journal.done))
+        self.errors = open(self.path / "errors.jsonl", "w", encoding="utf-8")  # noqa: SIM115
+
+    def text_path(self, task: Task, name: str) -> Path:
+        return text_path(self.path, task, name)
+
+    def write_text(self, task: Task, name: str, text: str) -> None:
+        with atomic_writer(self.text_path(task, name)) as file:
+            file.write(text)
+
+    def log_error(self, record: dict) -> None:
+        self.errors.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.errors.flush()
+
+    def close(self) -> None:
+        for name in ("journal", "errors"):
+            if hasattr(self, name):
+                getattr(self, name).close()
+        if self._lock is not None:
+            os.close(self._lock)  # releases the lock
+            self._lock = None
+
+
+def _take_lock(state: Path, folder: Path) -> int | None:
+    """Lock the state folder itself (no lock file to leave behind); the lock dies with the process."""
+    if fcntl is None:
+        return None
+    handle = os.open(state, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(handle)
+        raise FolderInUse(
+            f"{folder} is in use by another florence annotate run; wait for it to end, or use another "
+            "output folder"
+        ) from None
+    return handle
+
+
+def _check_settings(path: Path, settings: dict, holds_answers: bool) -> None:
+    """Refuse other settings than those the folder's answers were made with; a folder without answers
+    (say, a run whose model failed to load) takes the new ones."""
+    if path.exists() and holds_answers:
+        try:
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            raise OutputError(f"{path} is damaged; use --overwrite or another output folder") from None
+        if earlier != settings:
+            raise SettingsMismatch(
+                f"{path.parent.parent} holds results made with other settings ({earlier}); "
+                "use --overwrite or another output folder"
+            )
+    else:
+        with atomic_writer(path) as file:
+            file.write(json.dumps(settings, indent=1))
