@@ -45,7 +45,7 @@ class FixedAnswers(Annotator):
         self.generation = None
         self.banned_phrases = frozenset()
 
-    def settings(self) -> dict:
+    def settings(self, shard=None) -> dict:
         return {"model": self.model_name}
 
     def answer_batch(self, images):

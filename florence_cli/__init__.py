@@ -1,7 +1,7 @@
 """florence-cli: batch annotation of image folders with Microsoft's Florence-2.
 
 The pipeline reads as its modules: ``discover`` → ``decode`` → ``model`` (batch, generate) →
-``parse`` → ``writers`` (+ ``journal``), composed by ``annotate.Annotator``.
+``parse`` → ``writers`` (+ ``journal``, ``outdir``), driven by ``runner.Run`` for ``annotate.Annotator``.
 """
 
 from __future__ import annotations
@@ -13,13 +13,17 @@ from .tasks import TASKS, Task, resolve_task
 __all__ = ["TASKS", "Annotator", "GenerationSettings", "RunSummary", "Task", "resolve_task"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .annotate import Annotator, GenerationSettings, RunSummary
+    from .annotate import Annotator
+    from .config import GenerationSettings
+    from .runner import RunSummary
+
+_LAZY = {"Annotator": "annotate", "GenerationSettings": "config", "RunSummary": "runner"}
 
 
 def __getattr__(name: str):
     # torch is imported only when the model-facing API is first used
-    if name in {"Annotator", "GenerationSettings", "RunSummary"}:
-        from . import annotate
+    if name in _LAZY:
+        import importlib
 
-        return getattr(annotate, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(name)

@@ -1,81 +1,30 @@
-"""The runner: discover → decode (worker processes) → batch → generate → parse → write.
-
-``Annotator`` is the Python API; the ``florence annotate`` command is a thin layer over it.
+"""The Python API: ``Annotator`` answers batches of decoded images with a loaded model, in memory or
+over folders into files (``runner.Run`` drives that). The ``florence annotate`` command is a thin layer
+over it.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import sys
-import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .config import GenerationSettings, auto_batch_size, output_settings
 from .decode import DecodedImage, decode_image, model_pixels
-from .discover import ImageRef, InputError, discover
-from .engine import Engine, ItemResult, LocalEngine, batches
-from .jobs import ImageFailure, Job, TaskRequest, WorkItem, as_requests, parse_requests, plan_jobs
-from .journal import Journal, work_key
+from .discover import ImageRef
+from .engine import Engine, LocalEngine, batches
+from .jobs import ImageFailure, TaskRequest, WorkItem, as_requests, parse_requests, plan_jobs
 from .model import DEFAULT_MODEL, FlorenceModel
+from .outdir import OutputFolder, SettingsMismatch
 from .parse import Answer, TokenText, parse_answer
 from .postconfig import BANNED_GROUNDING_PHRASES
-from .tasks import Output, resolve_task
-from .writers import JsonlSink, text_path, write_coco, write_text
+from .runner import Run, RunSummary
+from .tasks import Output
 
 if TYPE_CHECKING:
     from .shard import Shard
 
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Generation flags; ``None`` leaves the checkpoint's own generation config in charge."""
-
-    num_beams: int | None = 3
-    max_new_tokens: int | None = 1024
-    no_repeat_ngram_size: int | None = None
-    min_new_tokens: int | None = None  # benchmarks pin generation lengths with it
-
-    def kwargs(self) -> dict:
-        flags = {k: v for k, v in asdict(self).items() if v is not None}
-        return {"do_sample": False, **flags}
-
-
-@dataclass
-class RunSummary:
-    """What a run did."""
-
-    images: int = 0  # images seen
-    annotated: int = 0  # images answered in this run
-    skipped: int = 0  # images whose tasks were all done already
-    failed: int = 0  # images (or named inputs) with an error
-    answers: int = 0  # (image, task) answers written in this run
-    seconds: float = 0.0
-    failures: list[ImageFailure] = field(default_factory=list)  # the first few, for display
-
-    @property
-    def images_per_second(self) -> float:
-        return self.annotated / self.seconds if self.seconds else 0.0
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.failed else 0
-
-    def line(self) -> str:
-        return (
-            f"{self.images} images: {self.annotated} annotated, {self.skipped} already done, "
-            f"{self.failed} failed, {self.answers} answers in {self.seconds:.1f} s "
-            f"({self.images_per_second:.2f} images/s)"
-        )
-
-
-class SettingsMismatch(Exception):
-    """The output folder holds results made with other settings."""
-
-
-AUTO_CUDA_BATCH = 64  # --batch-size auto starts here on CUDA, halving on out-of-memory
+__all__ = ["Annotator", "GenerationSettings", "RunSummary", "SettingsMismatch"]
 
 
 class Annotator:
@@ -107,11 +56,7 @@ class Annotator:
             self.model, self.model_name = loaded, model
         self.exact = self.model.reference_shapes
         # "auto": start high on CUDA and halve on out-of-memory (kept for later batches)
-        self.batch_size = (
-            (AUTO_CUDA_BATCH if self.model.device.type == "cuda" else 8)
-            if batch_size == "auto"
-            else int(batch_size)
-        )
+        self.batch_size = auto_batch_size(batch_size, self.model.device.type == "cuda")
         self.generation = generation or GenerationSettings()
         self.min_score = min_score
         config = getattr(self.model.processor, "post_processor_config", None) or {}
@@ -192,7 +137,7 @@ class Annotator:
     def run(
         self,
         inputs: Iterable[str],
-        output: str | Path,
+        output: str | Path | OutputFolder,
         tasks: list[str] | list[TaskRequest],
         text: str | None = None,
         workers: int = 0,
@@ -208,176 +153,19 @@ class Annotator:
 
         ``tasks`` are names (with ``text`` for those that need it) or ready ``TaskRequest``s; ``shard``
         keeps only its share of the images (``florence merge`` combines the shards' folders).
+        ``output`` may be a folder already opened with ``OutputFolder(path, annotator.settings(shard))``.
         """
         requests = as_requests(tasks, text)
-        return Run(self, requests, Path(output), overwrite, jsonl, on_error, progress, shard).execute(
-            inputs, stdin_lines, engine or LocalEngine(self, workers)
-        )
+        if not isinstance(output, OutputFolder):
+            output = OutputFolder(output, self.settings(shard), overwrite)
+        run = Run(requests, output, self.model_name, jsonl, on_error, progress, shard)
+        return run.execute(inputs, stdin_lines, engine or LocalEngine(self, workers))
 
-    def settings(self) -> dict:
+    def settings(self, shard: Shard | None = None) -> dict:
         """What an output folder's answers depend on besides the inputs and tasks."""
-        settings = {
-            "model": self.model_name,
-            "generation": self.generation.kwargs(),
-            "min_score": self.min_score,
-        }
-        return settings if self.exact else {**settings, "exact": False}
-
-
-class Run:
-    """One run of the driver: plans work, feeds an engine, journals and writes what comes back."""
-
-    def __init__(self, annotator, requests, output: Path, overwrite, jsonl, on_error, progress, shard=None):
-        self.annotator = annotator
-        self.requests = requests
-        self.output = output
-        self.on_error = on_error
-        self.shard = shard
-        self.summary = RunSummary()
-        self.seen: set[bytes] = set()
-        state = output / ".florence"
-        if overwrite and state.exists():
-            shutil.rmtree(state)
-        shard_setting = {"shard": str(shard)} if shard else {}  # another shard's folder is refused
-        _check_settings(state / "settings.json", {**annotator.settings(), **shard_setting})
-        self.journal = Journal(state / "journal.jsonl")
-        self.errors = open(output / "errors.jsonl", "w", encoding="utf-8")  # noqa: SIM115
-        self.sink = JsonlSink(jsonl) if jsonl else None
-        self.bar = _progress_bar(progress)
-
-    def execute(self, inputs, stdin_lines, engine: Engine) -> RunSummary:
-        started = time.perf_counter()
-        try:
-            for results in engine.results(self.work(inputs, stdin_lines)):
-                self.write(results)
-        finally:
-            self.close()
-            self.summary.seconds = time.perf_counter() - started
-        return self.summary
-
-    def fail(self, failure: ImageFailure) -> None:
-        self.summary.failed += 1
-        if len(self.summary.failures) < 20:
-            self.summary.failures.append(failure)
-        self.errors.write(json.dumps(failure.record(), ensure_ascii=False) + "\n")
-        self.errors.flush()
-        if self.on_error:
-            self.on_error(failure)
-
-    def work(self, inputs, stdin_lines) -> Iterator[WorkItem]:
-        """Images with the jobs not yet done on them; images with nothing to do are counted, not sent."""
-        for found in discover(inputs, stdin_lines):
-            if self.shard and not self.shard.takes(found.name if isinstance(found, ImageRef) else found.path):
-                continue
-            self.summary.images += 1
-            if isinstance(found, InputError):
-                self.fail(ImageFailure(found.path, found.reason))
-                continue
-            planned, failures = plan_jobs(found, self.requests)
-            for failure in failures:
-                self.fail(failure)
-            jobs = []
-            for job in planned:
-                key = work_key(found, job.identity())
-                self.seen.add(key)
-                if key not in self.journal.done:
-                    jobs.append(replace(job, key=key, text=self._chained_text(found.name, job)))
-            if jobs:
-                yield WorkItem(found.path, found.name, found.order, tuple(jobs))
-            elif not failures:
-                self.summary.skipped += 1
-
-    def _chained_text(self, name: str, job: Job) -> str | None:
-        """A chained job's text when its source answer was written by an earlier run."""
-        if not job.ground_from:
-            return job.text
-        source = text_path(self.output, resolve_task(job.ground_from), name)
-        return source.read_text(encoding="utf-8") if source.exists() else None
-
-    def write(self, results: list[ItemResult]) -> None:
-        records = []
-        for result in results:
-            if result.failure:
-                self.fail(result.failure)
-                continue
-            self.summary.annotated += 1
-            for job, answer in zip(result.item.jobs, result.answers, strict=True):
-                records.append(_journal_record(result.item, job, answer))
-                if not answer.task.writes_coco:
-                    write_text(self.output, answer.task, result.item.name, answer.text)
-        self.summary.answers += len(records)
-        if self.sink:
-            self.sink.write(_public_record(r) for r in records)
-        self.journal.append(records)
-        if self.bar:
-            self.bar.update(len(results))
-
-    def close(self) -> None:
-        if self.bar:
-            self.bar.close()
-        self.journal.close()
-        self.errors.close()
-        if self.sink:
-            self.sink.close()
-        for request in self.requests:
-            task = request.task
-            if task.writes_coco:
-
-                def records(name=task.name):
-                    return (r for r in self.journal.sorted_records(keep=self.seen) if r["task"] == name)
-
-                info = {
-                    "description": f"florence-cli {task.name}",
-                    "task": task.name,
-                    "model": self.annotator.model_name,
-                }
-                write_coco(
-                    self.output / f"{task.slug}.json", task, records, info, list(request.classes) or None
-                )
-
-
-def _check_settings(path: Path, settings: dict) -> None:
-    if path.exists():
-        earlier = json.loads(path.read_text())
-        if earlier != settings:
-            raise SettingsMismatch(
-                f"{path.parent.parent} holds results made with other settings ({earlier}); "
-                "use --overwrite or another output folder"
-            )
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=1))
-
-
-def _journal_record(item: WorkItem, job: Job, answer: Answer) -> dict:
-    return {
-        "file": item.name,
-        "task": answer.task.name,
-        **({"text": job.text} if job.text is not None else {}),
-        "width": answer.width,
-        "height": answer.height,
-        "result": answer.result(),
-        "raw": answer.raw,
-        "key": job.key.hex(),
-        "order": list(item.order),
-        "job_index": job.index,
-        "instances": [asdict(i) for i in answer.instances],
-    }
-
-
-_PUBLIC_FIELDS = ("file", "task", "text", "width", "height", "result", "raw")
-
-
-def _public_record(record: dict) -> dict:
-    return {k: record[k] for k in _PUBLIC_FIELDS if k in record}
-
-
-def _progress_bar(enabled: bool):
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+        return output_settings(
+            self.model_name, self.generation, self.min_score, self.exact, str(shard) if shard else None
+        )
 
 
 def _is_out_of_memory(exc: Exception) -> bool:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -130,14 +133,32 @@ def decode_stream(
         pool.close()
 
 
+def _worker_setup() -> None:
+    """In each decode process: Ctrl-C is the parent's to handle (a terminal sends it to every process of
+    the job), and the process ends with its parent, even one killed with SIGKILL (nothing else would
+    end it: it waits on a queue that it holds open itself)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 class _WorkerPool:
     """Decode processes with a queue of in-flight images, replaced whole if a worker dies."""
 
     def __init__(self, spec: ResizeSpec, workers: int, decoder: Decoder):
         self.spec, self.workers, self.decoder = spec, workers, decoder
         self.context = multiprocessing.get_context("spawn")  # never fork a process holding CUDA/threads
-        self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=self.context)
+        self.executor = self._executor(workers)
         self.pending: deque[tuple[ImageRef, Future]] = deque()
+
+    def _executor(self, workers: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=workers, mp_context=self.context, initializer=_worker_setup)
 
     def submit(self, ref: ImageRef) -> None:
         self.pending.append((ref, self.executor.submit(self.decoder, ref.path, self.spec)))
@@ -151,13 +172,13 @@ class _WorkerPool:
             self.close()
             while self.pending:
                 yield self._isolated(self.pending.popleft()[0])
-            self.executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=self.context)
+            self.executor = self._executor(self.workers)
             return
         self.pending.popleft()
         yield _result(ref, outcome)
 
     def _isolated(self, ref: ImageRef) -> DecodedImage | DecodeFailure:
-        with ProcessPoolExecutor(max_workers=1, mp_context=self.context) as solo:
+        with self._executor(1) as solo:
             try:
                 return _result(ref, solo.submit(self.decoder, ref.path, self.spec).result())
             except BrokenProcessPool:

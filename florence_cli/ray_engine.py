@@ -30,12 +30,16 @@ import ray.exceptions
 from ray.data.exceptions import ExecutionTimeoutError
 from ray.util.annotations import RayDeprecationWarning
 
+from .config import GenerationSettings, auto_batch_size, output_settings
 from .decode import DecodedImage, ResizeSpec, decode_or_reason
 from .engine import ItemResult, batches
 from .jobs import ImageFailure, TaskRequest, WorkItem, as_requests
+from .outdir import OutputFolder
+from .runner import Run
 
 if TYPE_CHECKING:
-    from .annotate import Annotator, GenerationSettings, RunSummary
+    from .annotate import Annotator
+    from .runner import RunSummary
     from .shard import Shard
 
 LOST = "lost: worker crashed"
@@ -43,12 +47,6 @@ LOST = "lost: worker crashed"
 
 class RayEngineError(Exception):
     """The Ray job cannot run as asked; the message is one line for the user."""
-
-
-def _default_generation() -> GenerationSettings:
-    from .annotate import GenerationSettings
-
-    return GenerationSettings()
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,7 @@ class ModelSpec:
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int | str = 8  # or "auto", as for Annotator
-    generation: GenerationSettings = field(default_factory=_default_generation)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
     allow_pickle: bool = False
     min_score: float | None = None
     exact: bool = True
@@ -75,11 +73,11 @@ class ModelSpec:
             self.min_score, self.exact,
         )  # fmt: skip
 
-    def settings(self) -> dict:
-        """The settings an ``Annotator`` built from this spec reports (it reads the same attributes)."""
-        from .annotate import Annotator
-
-        return Annotator.settings(self)  # type: ignore[arg-type]
+    def settings(self, shard: Shard | None = None) -> dict:
+        """The settings an ``Annotator`` built from this spec reports."""
+        return output_settings(
+            self.model_name, self.generation, self.min_score, self.exact, str(shard) if shard else None
+        )
 
 
 @dataclass(frozen=True)
@@ -271,7 +269,7 @@ class RayEngine:
     def run(
         self,
         inputs: Iterable[str],
-        output: str | Path,
+        output: str | Path | OutputFolder,
         tasks: list[str] | list[TaskRequest],
         text: str | None = None,
         overwrite: bool = False,
@@ -282,14 +280,15 @@ class RayEngine:
         shard: Shard | None = None,
     ) -> RunSummary:
         """Annotate every image under ``inputs`` into ``output``, as ``Annotator.run`` does."""
-        from .annotate import Run
-
         requests = as_requests(tasks, text)
+        if not isinstance(output, OutputFolder):
+            output = OutputFolder(output, self.spec.settings(shard), overwrite)
         try:
             self.connect()
-            run = Run(self.spec, requests, Path(output), overwrite, jsonl, on_error, progress, shard)
+            run = Run(requests, output, self.spec.model_name, jsonl, on_error, progress, shard)
             return run.execute(inputs, stdin_lines, self)
         finally:
+            output.close()
             self.close()
 
     def connect(self) -> Placement:
@@ -399,11 +398,7 @@ def _rows(work: list[WorkItem], indices: list[int], size: int) -> list[dict]:
 def _batch_size(batch_size: int | str, placement: Placement) -> int:
     """Images per model batch; ``auto`` as ``Annotator`` resolves it (its out-of-memory halving goes on
     in each replica)."""
-    from .annotate import AUTO_CUDA_BATCH
-
-    if batch_size != "auto":
-        return int(batch_size)
-    return AUTO_CUDA_BATCH if placement.replica_gpus else 8
+    return auto_batch_size(batch_size, on_cuda=bool(placement.replica_gpus))
 
 
 def _local_threads() -> int:

@@ -1,0 +1,272 @@
+"""The driver of a run: discovery and the journal plan the work, an engine answers it, and every
+batch that comes back is written and journaled at once. Imports no torch: engines bring the model.
+
+How a run ends is data (``RunSummary``): its exit status tells images that failed (1) from a run that
+stopped — a full disk (3), Ctrl-C (130), SIGTERM (143), a closed standard output (141) — and in
+every case the files in the output folder agree with its journal, so the same command finishes.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+
+from .discover import Duplicate, ImageRef, InputError, discover, printable
+from .engine import Engine, ItemResult
+from .interrupts import Interrupted, critical, interruptible
+from .jobs import ImageFailure, Job, TaskRequest, WorkItem, plan_jobs
+from .journal import work_key
+from .outdir import OutputFolder, describe_os_error, stops_the_run
+from .parse import Answer
+from .tasks import resolve_task
+from .writers import JsonlSink, StdoutClosed, write_coco
+
+EXIT_OK = 0
+EXIT_IMAGES_FAILED = 1
+EXIT_USAGE = 2  # refused before any image was read
+EXIT_OUTPUT_FAILED = 3  # the output folder could not be written mid-run (a full disk)
+
+
+@dataclass
+class RunSummary:
+    """What a run did, and how it ended."""
+
+    images: int = 0  # images found
+    annotated: int = 0  # images answered in this run
+    skipped: int = 0  # images whose tasks were all done already
+    failed: int = 0  # images (or named inputs) with an error
+    answers: int = 0  # (image, task) answers written in this run
+    duplicates: int = 0  # files found again under another name, annotated once
+    damaged_journal_lines: int = 0  # journal lines that hold no record, skipped
+    seconds: float = 0.0
+    failures: list[ImageFailure] = field(default_factory=list)  # the first few, for display
+    stopped_by: int | None = None  # the signal that stopped the run (SIGPIPE: standard output closed)
+    output_error: str | None = None  # why the output folder could not be written
+
+    @property
+    def images_per_second(self) -> float:
+        return self.annotated / self.seconds if self.seconds else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        if self.output_error:
+            return EXIT_OUTPUT_FAILED
+        if self.stopped_by:
+            return 128 + self.stopped_by
+        return EXIT_IMAGES_FAILED if self.failed else EXIT_OK
+
+    def line(self) -> str:
+        """One line for the user: the counts, or why the run stopped and how far it got."""
+        done = f"{self.annotated + self.skipped} of {self.images} images found so far are done"
+        if self.output_error:
+            return f"error: {self.output_error}; {done}; once fixed, run the same command to finish"
+        if self.stopped_by == signal.SIGPIPE:
+            return f"standard output was closed: {done}; run the same command to finish"
+        if self.stopped_by:
+            return f"interrupted: {done}; run the same command to finish"
+        duplicates = f", {self.duplicates} found twice (annotated once)" if self.duplicates else ""
+        return (
+            f"{self.images} images: {self.annotated} annotated, {self.skipped} already done, "
+            f"{self.failed} failed{duplicates}, {self.answers} answers in {self.seconds:.1f} s "
+            f"({self.images_per_second:.2f} images/s)"
+        )
+
+
+class _OutputStopped(Exception):
+    """A write that no later write would get past (a full or read-only file system)."""
+
+
+class Run:
+    """One run of the driver into an opened output folder, which it closes at the end."""
+
+    def __init__(
+        self,
+        requests: list[TaskRequest],
+        folder: OutputFolder,
+        model_name: str,
+        jsonl: str | None = None,
+        on_error: Callable[[ImageFailure], None] | None = None,
+        progress: bool = False,
+        shard=None,
+    ):
+        self.requests = requests
+        self.folder = folder
+        self.model_name = model_name
+        self.on_error = on_error
+        self.shard = shard
+        self.summary = RunSummary(damaged_journal_lines=folder.journal.damaged_lines)
+        self.sink = JsonlSink(jsonl) if jsonl else None
+        self.bar = _progress_bar(progress)
+
+    def execute(self, inputs: Iterable[str], stdin_lines: Iterable[str], engine: Engine) -> RunSummary:
+        """Feed ``engine`` the work not done yet and write what comes back; stops cleanly on SIGINT,
+        SIGTERM, a closed standard output or a full disk."""
+        started = time.perf_counter()
+        with interruptible():
+            results = engine.results(self.work(inputs, stdin_lines))
+            try:
+                for batch in results:
+                    with critical():
+                        self.write(batch)
+            except Interrupted as exc:
+                self.summary.stopped_by = exc.signum
+            except StdoutClosed:
+                self.summary.stopped_by = signal.SIGPIPE
+            except _OutputStopped as exc:
+                self.summary.output_error = str(exc)
+            finally:
+                try:
+                    with critical():  # a second Ctrl-C waits for the files to agree with the journal
+                        _end(results)
+                        self.close()
+                except Interrupted as exc:
+                    self.summary.stopped_by = self.summary.stopped_by or exc.signum
+        self.summary.seconds = time.perf_counter() - started
+        return self.summary
+
+    def fail(self, failure: ImageFailure) -> None:
+        self.summary.failed += 1
+        if len(self.summary.failures) < 20:
+            self.summary.failures.append(failure)
+        self.folder.log_error(failure.record())
+        if self.on_error:
+            self.on_error(failure)
+
+    def work(self, inputs: Iterable[str], stdin_lines: Iterable[str]) -> Iterator[WorkItem]:
+        """Images with the jobs not yet done on them; images with nothing to do are counted, not sent."""
+        for found in discover(inputs, stdin_lines):
+            if self.shard and not self.shard.takes(found.name if isinstance(found, ImageRef) else found.path):
+                continue
+            if isinstance(found, Duplicate):
+                self.summary.duplicates += 1
+                continue
+            self.summary.images += 1
+            if isinstance(found, InputError):
+                self.fail(ImageFailure(found.path, found.reason))
+                continue
+            planned, failures = plan_jobs(found, self.requests)
+            for failure in failures:
+                self.fail(failure)
+            jobs = []
+            for job in planned:
+                key = work_key(found, job.identity())
+                if key not in self.folder.journal.done:
+                    jobs.append(replace(job, key=key, text=self._chained_text(found.name, job)))
+            if jobs:
+                yield WorkItem(found.path, found.name, found.order, tuple(jobs))
+            elif not failures:
+                self.summary.skipped += 1
+
+    def _chained_text(self, name: str, job: Job) -> str | None:
+        """A chained job's text when its source answer was written by an earlier run."""
+        if not job.ground_from:
+            return job.text
+        source = self.folder.text_path(resolve_task(job.ground_from), name)
+        return source.read_text(encoding="utf-8") if source.exists() else None
+
+    def write(self, results: list[ItemResult]) -> None:
+        """Write a batch's answer files, then journal it, then stream it: what is journaled is on disk."""
+        records, answered = [], 0
+        for result in results:
+            if result.failure:
+                self.fail(result.failure)
+                continue
+            try:
+                for answer in result.answers:
+                    if not answer.task.writes_coco:
+                        self.folder.write_text(answer.task, result.item.name, answer.text)
+            except OSError as exc:
+                if stops_the_run(exc):
+                    raise _OutputStopped(_cannot_write(self.folder.path, exc)) from exc
+                where = exc.filename if isinstance(exc.filename, str) else result.item.name
+                self.fail(ImageFailure(result.item.name, _cannot_write(where, exc)))
+                continue
+            answered += 1
+            jobs = zip(result.item.jobs, result.answers, strict=True)
+            records += [_journal_record(result.item, job, answer) for job, answer in jobs]
+        try:
+            self.folder.journal.append(records)
+        except OSError as exc:
+            raise _OutputStopped(_cannot_write(self.folder.journal.path, exc)) from exc
+        self.summary.annotated += answered
+        self.summary.answers += len(records)
+        if self.bar is not None:
+            self.bar.update(len(results))
+        if self.sink:
+            try:
+                self.sink.write(_public_record(r) for r in records)
+            except StdoutClosed:
+                raise
+            except OSError as exc:
+                raise _OutputStopped(_cannot_write(self.sink.target, exc)) from exc
+
+    def close(self) -> None:
+        """Rebuild the COCO files from everything the journal holds, and release the folder."""
+        if self.bar is not None:
+            self.bar.close()
+        self.folder.journal.close()
+        if self.sink:
+            self.sink.close()
+        try:
+            for request in self.requests:
+                if request.task.writes_coco:
+                    self._write_coco(request)
+        except OSError as exc:
+            self.summary.output_error = _cannot_write(self.folder.path, exc)
+        finally:
+            self.folder.close()
+
+    def _write_coco(self, request: TaskRequest) -> None:
+        task = request.task
+
+        def records():
+            return (r for r in self.folder.journal.sorted_records() if r["task"] == task.name)
+
+        info = {"description": f"florence-cli {task.name}", "task": task.name, "model": self.model_name}
+        path = self.folder.path / f"{task.slug}.json"
+        write_coco(path, task, records, info, list(request.classes) or None)
+
+
+def _journal_record(item: WorkItem, job: Job, answer: Answer) -> dict:
+    return {
+        "file": item.name,
+        "task": answer.task.name,
+        **({"text": job.text} if job.text is not None else {}),
+        "width": answer.width,
+        "height": answer.height,
+        "result": answer.result(),
+        "raw": answer.raw,
+        "key": job.key.hex(),
+        "job": job.identity(),
+        "job_index": job.index,
+        "instances": [asdict(i) for i in answer.instances],
+    }
+
+
+_PUBLIC_FIELDS = ("file", "task", "text", "width", "height", "result", "raw")
+
+
+def _public_record(record: dict) -> dict:
+    return {k: record[k] for k in _PUBLIC_FIELDS if k in record}
+
+
+def _cannot_write(path, exc: OSError) -> str:
+    return f"cannot write {printable(str(path))}: {describe_os_error(exc)}"
+
+
+def _end(results: Iterator) -> None:
+    """End the engine's generator now (its decode workers), not whenever it is collected."""
+    close = getattr(results, "close", None)
+    if close is not None:
+        close()
+
+
+def _progress_bar(enabled: bool):
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
