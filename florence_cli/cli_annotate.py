@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import os
+import re
+import signal
 import sys
 
 import click
 
 from .cli import Refusal, quiet_libraries
+from .discover import printable
 from .tasks import TaskError
 
 
@@ -19,16 +24,28 @@ def _shard(ctx, param, value: str | None):
         raise click.BadParameter(str(exc)) from None
 
 
-def _batch_size(value: str) -> int | str:
+def _batch_size(ctx, param, value: str) -> int | str:
     if value == "auto":
         return value
     try:
         size = int(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a whole number") from None
+        raise click.BadParameter(f"{value!r} is not a whole number or auto") from None
     if size < 1:
-        raise click.BadParameter("must be at least 1")
+        raise click.BadParameter(f"must be at least 1, got {size}")
     return size
+
+
+def _min_score(ctx, param, value: float | None) -> float | None:
+    if value is not None and math.isnan(value):
+        raise click.BadParameter("must be a number from 0 to 1, got nan")
+    return value
+
+
+def _device(ctx, param, value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise click.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+    return value
 
 
 @click.command()
@@ -37,7 +54,12 @@ def _batch_size(value: str) -> int | str:
     "-t", "--task", "tasks", multiple=True, required=True, help="Task to run (repeatable): OD, od or <OD>."
 )
 @click.option(
-    "--text", help="Text input for tasks that need one (phrase, expression, or region x1,y1,x2,y2 in bins)."
+    "--text",
+    "texts",
+    multiple=True,
+    metavar="[TASK=]TEXT",
+    help="Text input for the tasks that need one (phrase, expression, or region x1,y1,x2,y2 in bins); "
+    "with several such tasks, one each: --text TASK=TEXT (repeatable).",
 )
 @click.option(
     "--text-file",
@@ -52,7 +74,11 @@ def _batch_size(value: str) -> int | str:
     "--region", help="Region tasks: x1,y1,x2,y2 in pixels of each image (instead of bins in --text)."
 )
 @click.option(
-    "--min-score", type=click.FloatRange(0, 1), default=None, help="Drop instances scored below this."
+    "--min-score",
+    type=click.FloatRange(0, 1),
+    default=None,
+    callback=_min_score,
+    help="Drop instances scored below this.",
 )
 @click.option("-o", "--output", default="florence-out", show_default=True, type=click.Path(file_okay=False))
 @click.option(
@@ -61,7 +87,9 @@ def _batch_size(value: str) -> int | str:
     default=None,
     help="Hub id or local folder.  [default: mrhendrey/Florence-2-large-ft-safetensors]",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--device", default="auto", show_default=True, callback=_device, help="auto, cpu, cuda or cuda:N."
+)
 @click.option(
     "--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto", show_default=True
 )
@@ -70,6 +98,7 @@ def _batch_size(value: str) -> int | str:
     "--batch-size",
     default="8",
     show_default=True,
+    callback=_batch_size,
     help="Images per batch, or auto (CUDA: start at 64, halve on out-of-memory).",
 )
 @click.option("--num-beams", type=click.IntRange(min=1), default=3, show_default=True)
@@ -127,56 +156,123 @@ def _batch_size(value: str) -> int | str:
     help="--engine ray: decode tasks at once (default: spare CPUs).",
 )
 def annotate(inputs: tuple[str, ...], **flags) -> None:
-    """Annotate images (files, folders, or - for paths on stdin) with Florence-2 tasks."""
-    from .annotate import Annotator, GenerationSettings, SettingsMismatch
-    from .engine import default_workers
-    from .jobs import parse_requests
-    from .model import DEFAULT_MODEL, ModelLoadError
+    """Annotate images (files, folders, or - for paths on stdin) with Florence-2 tasks.
 
-    try:  # every usage error comes before any model is loaded
+    Exit status: 0 all done; 1 some images failed; 2 refused before any image was read (usage,
+    missing input or model, a checkpoint that is not Florence-2 or is broken, an output folder that
+    cannot be used); 3 the output folder could not be written mid-run; 130 Ctrl-C; 141 standard output
+    closed; 143 SIGTERM.
+    """
+    from .interrupts import Interrupted, interruptible
+
+    try:
+        with interruptible():
+            summary = _annotate(inputs, flags)
+    except Interrupted as exc:  # before any image was read: nothing to finish
+        _echo_err("interrupted before any image was read")
+        sys.exit(128 + exc.signum)
+    if summary.stopped_by == signal.SIGPIPE:
+        _silence_stdout()
+    if summary.output_error or (summary.stopped_by and summary.stopped_by != signal.SIGPIPE):
+        _echo_err(summary.line())  # how far it got is worth saying even with -q
+    elif not flags["quiet"]:
+        _echo_err(summary.line())
+    for note in _notes(summary):
+        _echo_err(note)
+    sys.exit(summary.exit_code)
+
+
+def _annotate(inputs: tuple[str, ...], flags: dict):
+    """Everything that can be refused is refused before torch is imported; then the model loads."""
+    from .checkpoint import DEFAULT_MODEL, ModelLoadError, checkpoint_layout, locate_model
+    from .config import GenerationSettings, output_settings
+    from .jobs import parse_requests, split_texts
+    from .outdir import OutputError, OutputFolder
+
+    try:
         requests = parse_requests(
-            list(flags["tasks"]), flags["text"], flags["text_file"], flags["classes"], flags["ground_from"],
-            flags["region"],
+            list(flags["tasks"]), split_texts(list(flags["texts"])), flags["text_file"], flags["classes"],
+            flags["ground_from"], flags["region"],
         )  # fmt: skip
     except TaskError as exc:
         raise click.UsageError(str(exc)) from None
-    batch_size = _batch_size(flags["batch_size"])
     _check_engine_flags(flags)
+    stdin_lines = _stdin_lines(inputs)
     generation = GenerationSettings(
         flags["num_beams"], flags["max_new_tokens"], flags["no_repeat_ngram_size"]
     )
+    model = flags["model"] or DEFAULT_MODEL
+    exact = not flags["batched_products"]
+    shard = flags["shard"]
+    try:
+        checkpoint_layout(locate_model(model, flags["allow_pickle"]))
+        shard_name = str(shard) if shard else None
+        settings = output_settings(model, generation, flags["min_score"], exact, shard_name)
+        output = OutputFolder(flags["output"], settings, flags["overwrite"])
+    except (ModelLoadError, OutputError) as exc:
+        raise Refusal(str(exc)) from None
     quiet = flags["quiet"]
     quiet_libraries(quiet)
-    model = flags["model"] or DEFAULT_MODEL
-    settings = (
-        flags["device"], flags["dtype"], batch_size, generation, flags["allow_pickle"], flags["min_score"],
-        not flags["batched_products"],
-    )  # fmt: skip
 
     def report(failure) -> None:
-        where = f"{failure.name} [{failure.task}]" if failure.task else failure.name
-        _echo_err(f"error: {where}: {failure.reason}")
+        where = f"{printable(failure.name)} [{failure.task}]" if failure.task else printable(failure.name)
+        _echo_err(f"error: {where}: {printable(failure.reason)}")
 
     common = {
-        "overwrite": flags["overwrite"], "jsonl": flags["jsonl"], "on_error": report, "progress": not quiet,
-        "stdin_lines": sys.stdin if "-" in inputs else (), "shard": flags["shard"],
+        "jsonl": flags["jsonl"], "on_error": report, "progress": not quiet, "stdin_lines": stdin_lines,
+        "shard": shard,
     }  # fmt: skip
     try:
         if flags["engine"] == "ray":
-            summary = _run_on_ray(inputs, flags, requests, model, settings, common)
-        else:
-            annotator = Annotator(model, *settings)
-            workers = flags["workers"]
-            if workers is None:
-                workers = default_workers(annotator.model.device)
-            summary = annotator.run(inputs, flags["output"], requests, workers=workers, **common)
+            return _run_on_ray(inputs, flags, requests, model, output, common, generation)
+        from .annotate import Annotator
+        from .engine import default_workers
+
+        annotator = Annotator(
+            model, flags["device"], flags["dtype"], flags["batch_size"], generation, flags["allow_pickle"],
+            flags["min_score"], exact,
+        )  # fmt: skip
+        annotator.model.check_limits(requests, generation.max_new_tokens)
+        workers = flags["workers"]
+        if workers is None:
+            workers = default_workers(annotator.model.device)
+        return annotator.run(inputs, output, requests, workers=workers, **common)
     except ModelLoadError as exc:
+        output.close()
         raise Refusal(str(exc)) from None
-    except SettingsMismatch as exc:
+    except TaskError as exc:
+        output.close()
         raise click.UsageError(str(exc)) from None
-    if not quiet:
-        click.echo(summary.line(), err=True)
-    sys.exit(summary.exit_code)
+
+
+def _stdin_lines(inputs: tuple[str, ...]):
+    """Paths on standard input for ``-`` (as the file system spells them, bytes that are not UTF-8
+    too); every other input must exist."""
+    for item in inputs:
+        if item != "-" and not os.path.lexists(item):
+            raise click.UsageError(f"{printable(item)}: no such file or folder")
+    if "-" not in inputs:
+        return ()
+    if sys.stdin is None or sys.stdin.closed:
+        raise click.UsageError("- reads image paths from standard input, but standard input is closed")
+    return (os.fsdecode(line) for line in sys.stdin.buffer)
+
+
+def _notes(summary) -> list[str]:
+    notes = []
+    if summary.damaged_journal_lines:
+        notes.append(
+            f"note: skipped {summary.damaged_journal_lines} damaged line(s) of the journal; "
+            "the answers on them are done again"
+        )
+    return notes
+
+
+def _silence_stdout() -> None:
+    """Standard output's reader is gone: send what Python still flushes at exit nowhere, quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 _RAY_FLAGS = ("ray_address", "gpu_workers", "decode_cpus")
@@ -192,20 +288,24 @@ def _check_engine_flags(flags: dict) -> None:
         raise click.UsageError("--workers is for --engine local; with --engine ray use --decode-cpus")
 
 
-def _run_on_ray(inputs, flags: dict, requests, model: str, settings: tuple, common: dict):
+def _run_on_ray(inputs, flags: dict, requests, model: str, output, common: dict, generation):
     """The same run with the model on Ray workers; a missing Ray is one line and exit status 2."""
     try:
         from .ray_engine import ModelSpec, RayEngine, RayEngineError, RayOptions
     except ImportError as exc:
-        error = click.ClickException(f"--engine ray needs Ray Data: pip install 'florence-cli[ray]' ({exc})")
-        error.exit_code = 2
-        raise error from None
+        output.close()
+        raise Refusal(f"--engine ray needs Ray Data: pip install 'florence-cli[ray]' ({exc})") from None
     options = RayOptions(flags["ray_address"], flags["gpu_workers"], flags["decode_cpus"])
+    spec = ModelSpec(
+        model, flags["device"], flags["dtype"], flags["batch_size"], generation, flags["allow_pickle"],
+        flags["min_score"], not flags["batched_products"],
+    )  # fmt: skip
     try:
-        engine = RayEngine(ModelSpec(model, *settings), options)
-        return engine.run(inputs, flags["output"], requests, **common)
+        engine = RayEngine(spec, options)
+        return engine.run(inputs, output, requests, **common)
     except RayEngineError as exc:
-        raise click.ClickException(str(exc)) from None
+        output.close()
+        raise Refusal(str(exc)) from None
 
 
 def _echo_err(message: str) -> None:

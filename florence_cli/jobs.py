@@ -94,7 +94,13 @@ def parse_pixel_region(text: str) -> tuple[float, float, float, float]:
         values = tuple(float(v) for v in text.replace(" ", ",").split(",") if v)
     except ValueError:
         values = ()
-    if len(values) != 4 or values[0] > values[2] or values[1] > values[3] or min(values) < 0:
+    if (
+        len(values) != 4
+        or not all(math.isfinite(v) for v in values)
+        or values[0] > values[2]
+        or values[1] > values[3]
+        or min(values) < 0
+    ):
         raise TaskError(f"--region is x1,y1,x2,y2 in pixels with x1<=x2 and y1<=y2; got {text!r}")
     return values  # type: ignore[return-value]
 
@@ -130,9 +136,41 @@ def lookup_text(texts: Mapping[str, str], ref: ImageRef) -> str | None:
     return None
 
 
+def split_texts(values: list[str]) -> str | dict[str, str] | None:
+    """``--text`` values: one plain text, or ``TASK=TEXT`` for each task (by its name, as ``-t`` takes it).
+
+    Several plain texts, or plain and named ones mixed, are refused: which task gets which would be
+    a guess.
+    """
+    named: dict[str, str] = {}
+    plain: list[str] = []
+    for value in values:
+        head, equals, tail = value.partition("=")
+        task = _task_or_none(head) if equals else None
+        if task is None:
+            plain.append(value)
+        elif task.name in named:
+            raise TaskError(f"--text gives {task.name} two texts; give it one")
+        else:
+            named[task.name] = tail
+    if (named and plain) or len(plain) > 1:
+        raise TaskError(
+            f"--text is given {len(values)} times: name the task of each, e.g. --text "
+            "CAPTION_TO_PHRASE_GROUNDING='a red house' --text REGION_TO_DESCRIPTION=100,100,500,600"
+        )
+    return named or (plain[0] if plain else None)
+
+
+def _task_or_none(name: str) -> Task | None:
+    try:
+        return resolve_task(name)
+    except TaskError:
+        return None
+
+
 def parse_requests(
     tasks: list[str],
-    text: str | None = None,
+    text: str | Mapping[str, str] | None = None,
     text_file: str | Path | None = None,
     classes: str | None = None,
     ground_from: str | None = None,
@@ -140,9 +178,9 @@ def parse_requests(
 ) -> list[TaskRequest]:
     """Turn task names and text options into requests, validating everything a model is not needed for.
 
-    Raises ``TaskError`` with a message for the user.
+    ``text`` goes to the tasks no other option feeds: one text for all of them (they must take the same
+    kind: phrases or regions), or a text per task name. Raises ``TaskError`` with a message for the user.
     """
-    requests: list[TaskRequest] = []
     names = [resolve_task(name) for name in tasks]
     source = resolve_task(ground_from) if ground_from else None
     if source and source not in names:
@@ -152,11 +190,12 @@ def parse_requests(
     texts = read_text_file(text_file) if text_file else None
     class_list = tuple(c.strip() for c in (classes or "").split(",") if c.strip())
     pixels = parse_pixel_region(region) if region else None
+    requests: list[TaskRequest] = []
+    takers: list[Task] = []  # the tasks whose text is --text
     for task in dict.fromkeys(names):  # dedupe, keep order
         if not task.needs_text:
             requests.append(TaskRequest(task))
-            continue
-        if task.name == "OPEN_VOCABULARY_DETECTION" and class_list:
+        elif task.name == "OPEN_VOCABULARY_DETECTION" and class_list:
             requests.append(TaskRequest(task, classes=class_list))
         elif source and task.text_input is TextInput.PHRASE and task is not source:
             requests.append(TaskRequest(task, ground_from=source))
@@ -165,8 +204,14 @@ def parse_requests(
         elif texts is not None:
             requests.append(TaskRequest(task, texts=texts))
         else:
-            task_prompt(task, text)  # raises when the text is missing or malformed
-            requests.append(TaskRequest(task, text=text))
+            takers.append(task)
+            requests.append(TaskRequest(task))
+    by_task = _texts_by_task(takers, [t for t in names if t.needs_text], text)
+    for number, request in enumerate(requests):
+        if request.task in takers:
+            task_text = by_task.get(request.task.name)
+            task_prompt(request.task, task_text)  # raises when the text is missing or malformed
+            requests[number] = TaskRequest(request.task, text=task_text)
     if source:
         fed = [i for i, t in enumerate(names) if t.text_input is TextInput.PHRASE]
         if not fed:
@@ -176,6 +221,33 @@ def parse_requests(
         if names.index(source) > min(fed):
             raise TaskError(f"--ground-from {source.name} must come before the tasks it feeds")
     return requests
+
+
+def _texts_by_task(
+    takers: list[Task], text_tasks: list[Task], text: str | Mapping[str, str] | None
+) -> dict[str, str]:
+    """Each taker's ``--text``: a plain text serves every taker if they take one kind of text; named
+    texts must name a task that takes text."""
+    if text is None:
+        return {}
+    if isinstance(text, str):
+        if not takers:
+            raise TaskError("--text is given, but none of the tasks takes it")
+        if len({task.text_input for task in takers}) > 1:
+            names = ", ".join(task.name for task in takers)
+            raise TaskError(
+                f"one --text for tasks that take different kinds of text ({names}): give each its own "
+                "with --text TASK=TEXT"
+            )
+        return {task.name: text for task in takers}
+    named = {resolve_task(name): value for name, value in text.items()}
+    for task in named:
+        if task not in text_tasks:
+            why = "takes no text" if not task.needs_text else "is not among the tasks (-t)"
+            raise TaskError(f"--text names {task.name}, which {why}")
+        if task not in takers:
+            raise TaskError(f"--text names {task.name}, whose text another option gives")
+    return {task.name: value for task, value in named.items()}
 
 
 def as_requests(tasks: list[str] | list[TaskRequest], text: str | None = None) -> list[TaskRequest]:

@@ -22,6 +22,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from .beam import compacting_beam_search
 from .checkpoint import (
+    DEFAULT_MODEL,
     PICKLE,
     SAFETENSORS,
     SAFETENSORS_INDEX,
@@ -34,8 +35,9 @@ from .checkpoint import (
 )
 from .decode import ResizeSpec
 from .exact import reference_shapes
+from .jobs import TaskRequest
+from .tasks import TaskError, task_prompt
 
-DEFAULT_MODEL = "mrhendrey/Florence-2-large-ft-safetensors"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -158,15 +160,40 @@ class FlorenceModel:
             return vision(pixel_values).pooler_output
 
     # -- prompts ------------------------------------------------------------------------------
+    @property
+    def positions(self) -> int:
+        """How many tokens the language model's encoder reads, and its decoder generates, at most."""
+        return self.model.config.text_config.max_position_embeddings
+
     def prompt_ids(self, prompt: str) -> list[int]:
         """Token ids of the encoder input for ``prompt`` (e.g. ``<OD>``), image placeholders first —
-        as the processor builds them."""
+        as the processor builds them. A prompt longer than the encoder reads is a ``ValueError``."""
         if prompt not in self._prompt_ids:
             processor = self.processor
             text = processor.image_token * processor.num_image_tokens
             text += self.tokenizer.bos_token + expand_prompt(processor, prompt) + self.tokenizer.eos_token
-            self._prompt_ids[prompt] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > self.positions:
+                raise ValueError(
+                    f"the text input is too long: {len(ids) - processor.num_image_tokens} tokens, and with "
+                    f"the image's {processor.num_image_tokens} the model reads at most {self.positions}"
+                )
+            self._prompt_ids[prompt] = ids
         return self._prompt_ids[prompt]
+
+    def check_limits(self, requests: list[TaskRequest], max_new_tokens: int | None) -> None:
+        """Refuse, before any image is read, a text input or a token budget this model cannot hold."""
+        if max_new_tokens is not None and max_new_tokens > self.positions:
+            raise TaskError(
+                f"--max-new-tokens {max_new_tokens} is more than this model generates ({self.positions})"
+            )
+        for request in requests:
+            texts = request.classes or ([request.text] if request.text is not None else [])
+            for text in texts:
+                try:
+                    self.prompt_ids(task_prompt(request.task, text))
+                except ValueError as exc:
+                    raise TaskError(f"{request.task.name}: {exc}") from None
 
     # -- generation ---------------------------------------------------------------------------
     @torch.inference_mode()  # inputs made here too, so a compiled decoder sees one kind of tensor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
 
@@ -110,12 +111,19 @@ def region_text(text: str) -> str:
     return "".join(f"<loc_{b}>" for b in bins)
 
 
+_LOCATION_REGION = re.compile(r"(?:<loc_(\d{1,3})>){4}")
+
+
 def task_prompt(task: Task, text: str | None) -> str:
     """The prompt string for ``task``, as the model card writes it (``<TASK>`` + text input)."""
     if not task.needs_text:
         return task.token
     if not text or not text.strip():
         raise TaskError(f"task {task.name} needs a text input (--text)")
-    if task.text_input is TextInput.REGION and "<loc_" not in text:
-        text = region_text(text)
+    if task.text_input is TextInput.REGION:
+        text = text.strip()
+        if "<loc_" not in text:
+            text = region_text(text)
+        elif not _LOCATION_REGION.fullmatch(text):
+            raise TaskError(f"a region is four location tokens <loc_0>..<loc_999>; got {text!r}")
     return task.token + text

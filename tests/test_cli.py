@@ -82,10 +82,10 @@ def test_bad_input_is_reported_and_the_run_goes_on(tiny_model, folder, tmp_path)
     (folder / "zero.jpg").write_bytes(b"")
     (folder / "junk.png").write_bytes(b"garbage")
     out = tmp_path / "out"
-    missing = str(tmp_path / "missing.png")
+    missing = str(tmp_path / "missing.png")  # a path on stdin (one on the command line is a usage error)
     notes = str(folder / "notes.txt")
-    result = _annotate(tiny_model, str(folder), missing, notes, "-t", "OD", "-o", str(out),
-                       "--workers", "0")  # fmt: skip
+    result = _annotate(tiny_model, str(folder), "-", notes, "-t", "OD", "-o", str(out),
+                       "--workers", "0", input=missing + "\n")  # fmt: skip
     assert result.exit_code == 1
     errors = read_jsonl(out / "errors.jsonl")
     assert {Path(e["file"]).name for e in errors} == {"zero.jpg", "junk.png", "missing.png", "notes.txt"}
