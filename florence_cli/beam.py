@@ -38,6 +38,7 @@ ROW_LOCAL_PROCESSORS = (
     logits_process.MinLengthLogitsProcessor,
     logits_process.MinNewTokensLengthLogitsProcessor,
     logits_process.RepetitionPenaltyLogitsProcessor,
+    logits_process.ExponentialDecayLengthPenalty,  # reads the step number, the same for every row
 )
 ROW_LOCAL_CRITERIA = (stopping_criteria.MaxLengthCriteria, stopping_criteria.EosTokenCriteria)
 # Per-row model inputs the loop knows how to shrink; anything else means transformers' own loop.

@@ -87,12 +87,19 @@ def convert(source: str, destination: str, allow_pickle: bool) -> None:
 @main.command("make-tiny-model")
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
-def make_tiny_model(folder: str, seed: int) -> None:
+@click.option(
+    "--ends-after",
+    type=click.IntRange(min=0),
+    default=12,
+    show_default=True,
+    help="Answers end soon after this many tokens (a random model never ends one by itself).",
+)
+def make_tiny_model(folder: str, seed: int, ends_after: int) -> None:
     """Write a tiny random-weight Florence-2 checkpoint (a few MB) for offline smoke tests."""
     from .tiny import make_tiny_model as build
 
     quiet_libraries(quiet=True)
-    click.echo(str(build(folder, seed=seed)))
+    click.echo(str(build(folder, seed=seed, ends_after=ends_after)))
 
 
 def quiet_libraries(quiet: bool) -> None:

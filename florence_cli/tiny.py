@@ -221,9 +221,17 @@ def build_random(folder: str | Path, size: str = "tiny", seed: int = 0):
     return model, processor
 
 
-def make_tiny_model(folder: str | Path, seed: int = 0) -> Path:
-    """Write a tiny native Florence-2 checkpoint (model + processor, a few MB) to ``folder``."""
+def make_tiny_model(folder: str | Path, seed: int = 0, ends_after: int | None = None) -> Path:
+    """Write a tiny native Florence-2 checkpoint (model + processor, a few MB) to ``folder``.
+
+    A random model never ends an answer by itself: each runs to the token limit. ``ends_after`` makes
+    the end of sequence likelier with every token past that many (generation's own exponential length
+    penalty, kept in the checkpoint's generation config, so the reference loop applies it too), so
+    smoke runs take seconds.
+    """
     model, processor = build_random(folder, "tiny", seed)
+    if ends_after is not None:
+        model.generation_config.exponential_decay_length_penalty = (ends_after, 1.25)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return Path(folder)

@@ -28,6 +28,7 @@ SETTINGS = {
         "early_stopping": "never", "repetition_penalty": 1.3,
     },
     "greedy": {"num_beams": 1, "max_new_tokens": 30},
+    "length decay (make-tiny-model's)": {"max_new_tokens": 40, "exponential_decay_length_penalty": (6, 1.25)},
 }  # fmt: skip
 
 
@@ -95,8 +96,9 @@ def test_answers_of_the_fixture_model_vary_in_length(varied, features):
         assert len(lengths) >= 3, (setting, lengths)
 
 
-def test_finished_images_leave_the_batch(varied, features):
-    settings = SETTINGS["checkpoint defaults"]
+@pytest.mark.parametrize("setting", ["checkpoint defaults", "length decay (make-tiny-model's)"])
+def test_finished_images_leave_the_batch(varied, features, setting):
+    settings = SETTINGS[setting]
     compacted = decoder_batch_sizes(varied, lambda: generate(varied, features, "<OD>", settings, True))
     full = decoder_batch_sizes(varied, lambda: generate(varied, features, "<OD>", settings, False))
     beams = varied.generation_config.num_beams
