@@ -58,23 +58,33 @@ def folder(tmp_path) -> Path:
 
 
 def _in_terminal(argv: list[str], umask: int = 0o022) -> tuple[int, str]:
-    """Run ``argv`` with a pseudo-terminal as its stdin, stdout and stderr, as a user at a prompt does."""
+    """Run ``argv`` with a pseudo-terminal as its stdin, stdout and stderr, as a user at a prompt does.
+    Reads until the command has ended (not until every process holding the terminal has)."""
     import pty
+    import select
 
     pid, fd = pty.fork()
     if pid == 0:  # the child: exec at once
         os.umask(umask)
         os.execv(argv[0], argv)
-    output = b""
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:  # EIO: the child closed the terminal
+    output, status = b"", None
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # EIO: every process closed the terminal
+                chunk = b""
+            output += chunk
+            if chunk:
+                continue
+        if status is not None:  # ended, and nothing more to read
             break
-        if not chunk:
-            break
-        output += chunk
-    _, status = os.waitpid(pid, 0)
+        ended, status = os.waitpid(pid, os.WNOHANG)
+        status = status if ended else None
+    if status is None:
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
     os.close(fd)
     return os.waitstatus_to_exitcode(status), output.decode("utf-8", "replace")
 
@@ -387,12 +397,14 @@ def test_a_closed_stdout_ends_the_run_quietly_with_what_was_done_journaled(tiny_
     write_images(folder, 8)
     out = tmp_path / "out"
     args = (str(folder), "-t", "CAPTION", "-o", str(out), "-b", "2")
-    process = subprocess.Popen(_command(tiny_model, *args, "--jsonl", "-"), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)  # fmt: skip
-    first = json.loads(process.stdout.readline())  # as `| head -1` does
-    process.stdout.close()
-    stderr = process.stderr.read().decode()
-    assert process.wait() == 141, stderr
+    with open(tmp_path / "stderr", "w+b") as log:  # a file: nothing left holding a pipe can hang the test
+        process = subprocess.Popen(_command(tiny_model, *args, "--jsonl", "-"), stdout=subprocess.PIPE,
+                                   stderr=log)  # fmt: skip
+        first = json.loads(process.stdout.readline())  # as `| head -1` does
+        process.stdout.close()
+        code = process.wait(timeout=600)
+    stderr = (tmp_path / "stderr").read_text()
+    assert code == 141, stderr
     assert "Traceback" not in stderr and "Exception ignored" not in stderr
     assert "standard output was closed" in stderr
     journaled = {r["file"] for r in _journal(out)}
@@ -416,15 +428,17 @@ def test_a_stopped_run_leaves_files_that_agree_with_the_journal(tiny_model, tmp_
     args = (str(folder), "-t", "OD", "-t", "CAPTION", "-b", "2", "--workers", "1")
     clean, out = tmp_path / "clean", tmp_path / "out"
     subprocess.run(_command(tiny_model, *args, "-o", str(clean), "-q"), check=True, capture_output=True)
-    process = subprocess.Popen(_command(tiny_model, *args, "-o", str(out)), stderr=subprocess.PIPE,
-                               start_new_session=True)  # fmt: skip
-    _wait_for_lines(out / ".florence" / "journal.jsonl", 2, process)
-    if stop == "ctrl-c":  # a terminal sends it to every process of the job, decode workers too
-        os.killpg(process.pid, signal.SIGINT)
-    else:
-        os.kill(process.pid, signal.SIGTERM)
-    stderr = process.stderr.read().decode()
-    assert process.wait() == code, stderr
+    with open(tmp_path / "stderr", "w+b") as log:
+        process = subprocess.Popen(_command(tiny_model, *args, "-o", str(out)), stderr=log,
+                                   start_new_session=True)  # fmt: skip
+        _wait_for_lines(out / ".florence" / "journal.jsonl", 2, process)
+        if stop == "ctrl-c":  # a terminal sends it to every process of the job, decode workers too
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            os.kill(process.pid, signal.SIGTERM)
+        exit_code = process.wait(timeout=600)
+    stderr = (tmp_path / "stderr").read_text()
+    assert exit_code == code, stderr
     assert "Traceback" not in stderr
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("interrupted: ")
     assert stderr.strip().endswith("run the same command to finish")
