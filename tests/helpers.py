@@ -47,9 +47,12 @@ def kill_mid_run(command: list[str], journal: Path, min_lines: int) -> int:
     import os
     import signal
     import subprocess
+    import tempfile
     import time
 
-    process = subprocess.Popen(command, stderr=subprocess.PIPE)
+    # stderr to a file: a pipe nobody reads fills up with a chatty run's warnings and stalls it
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(command, stderr=stderr)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         if journal.exists() and journal.read_bytes().count(b"\n") >= min_lines:
