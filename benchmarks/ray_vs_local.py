@@ -28,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from throughput import write_images
 
-from florence_cli.annotate import Annotator, GenerationSettings
+from florence_cli.annotate import Annotator
+from florence_cli.config import GenerationSettings, ModelConfig, RunConfig
 from florence_cli.engine import LocalEngine
-from florence_cli.tiny import build_random
+from florence_cli.testing.tiny import build_random
 
 
 class Clock:
@@ -64,18 +65,18 @@ def files(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in found}
 
 
-def run_local(scratch: Path, images: Path, args, settings: tuple) -> tuple[dict, torch.device]:
-    annotator = Annotator(str(scratch / "model"), *settings)  # loaded before the clock starts
-    engine = LocalEngine(annotator, args.workers)
+def run_local(scratch: Path, images: Path, args, config: RunConfig) -> tuple[dict, torch.device]:
+    annotator = Annotator.from_config(config)  # loaded before the clock starts
+    engine = LocalEngine(lambda: annotator.answerer, args.workers)
     clock = engine.results = Clock(engine.results)
     run = lambda: annotator.run([str(images)], scratch / "local", [args.task], engine=engine)  # noqa: E731
     return timed(run, clock), annotator.model.device
 
 
-def run_ray(scratch: Path, images: Path, args, settings: tuple) -> dict:
-    from florence_cli.ray_engine import ModelSpec, RayEngine
+def run_ray(scratch: Path, images: Path, args, config: RunConfig) -> dict:
+    from florence_cli.ray_engine import RayEngine
 
-    engine = RayEngine(ModelSpec(str(scratch / "model"), *settings))
+    engine = RayEngine(config)
     clock = engine.results = Clock(engine.results)
     engine.connect()  # Ray's own start is not the engine's throughput; the replicas' start is
     return timed(lambda: engine.run([str(images)], scratch / "ray", [args.task]), clock)
@@ -104,10 +105,11 @@ def main() -> None:
     images = scratch / "images"
     write_images(images, args.images)
     generation = GenerationSettings(args.num_beams, args.new_tokens, None, args.new_tokens)
-    settings = (args.device, args.dtype, args.batch_size, generation)
+    model_config = ModelConfig(str(scratch / "model"), args.device, args.dtype)
+    config = RunConfig(model_config, batch_size=args.batch_size, generation=generation)
 
-    local, device = run_local(scratch, images, args, settings)
-    ray = run_ray(scratch, images, args, settings)
+    local, device = run_local(scratch, images, args, config)
+    ray = run_ray(scratch, images, args, config)
     same = files(scratch / "local") == files(scratch / "ray")
     figures = {"size": args.size, "device": str(device), "batch_size": args.batch_size, "local": local,
                "ray": ray, "ratio_end_to_end": ray["end_to_end"] / local["end_to_end"],

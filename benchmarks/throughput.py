@@ -44,10 +44,10 @@ from PIL import Image, ImageOps
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from florence_cli.annotate import Annotator, GenerationSettings
-from florence_cli.engine import default_workers
+from florence_cli.config import default_workers
 from florence_cli.model import FlorenceModel, resolve_dtype
 from florence_cli.tasks import resolve_task
-from florence_cli.tiny import build_random, tilt_towards_eos
+from florence_cli.testing.tiny import build_random, tilt_towards_eos
 
 # The generation settings in Microsoft's checkpoints (config.json's text_config), which the model
 # card's code answers with; the random model gets them so both sides search as they would for real.

@@ -1,7 +1,8 @@
 """florence-cli: batch annotation of image folders with Microsoft's Florence-2.
 
-The pipeline reads as its modules: ``discover`` → ``decode`` → ``model`` (batch, generate) →
-``parse`` → ``writers`` (+ ``journal``, ``outdir``), driven by ``runner.Run`` for ``annotate.Annotator``.
+The pipeline reads as its modules: ``discover`` → ``decode`` → ``answer`` (``model``: generate) →
+``parse`` → ``writers`` (+ ``journal``, ``outdir``), driven by ``runner.run``; ``annotate.Annotator`` is
+the Python API over them (see ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -10,14 +11,20 @@ from typing import TYPE_CHECKING
 
 from .tasks import TASKS, Task, resolve_task
 
-__all__ = ["TASKS", "Annotator", "GenerationSettings", "RunSummary", "Task", "resolve_task"]
+__all__ = [
+    "TASKS", "Annotator", "GenerationSettings", "ModelConfig", "RunConfig", "RunSummary", "Task",
+    "resolve_task",
+]  # fmt: skip
 
 if TYPE_CHECKING:  # pragma: no cover
     from .annotate import Annotator
-    from .config import GenerationSettings
+    from .config import GenerationSettings, ModelConfig, RunConfig
     from .runner import RunSummary
 
-_LAZY = {"Annotator": "annotate", "GenerationSettings": "config", "RunSummary": "runner"}
+_LAZY = {
+    "Annotator": "annotate", "GenerationSettings": "config", "ModelConfig": "config", "RunConfig": "config",
+    "RunSummary": "runner",
+}  # fmt: skip
 
 
 def __getattr__(name: str):

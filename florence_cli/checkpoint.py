@@ -17,7 +17,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-DEFAULT_MODEL = "mrhendrey/Florence-2-large-ft-safetensors"
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 # Tensor names only Microsoft's layout has (its vision tower, projection and BART are top-level).

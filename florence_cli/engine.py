@@ -1,10 +1,10 @@
-"""Engines turn planned work items into answers. The local engine runs decode workers and the model
-in this process; others (Ray) plug in behind the same interface, so the driver — discovery, journal,
-writers, errors — is one piece of code whatever runs the model."""
+"""Engines turn planned work items into answers. The local engine decodes in worker processes and
+answers in this process; others (Ray) plug in behind the same interface, so the driver — discovery,
+journal, writers, errors — is one piece of code whatever runs the model. Each engine is handed a
+builder of its ``BatchAnswerer`` and builds it where the model runs."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -14,10 +14,8 @@ from .decode import DecodeFailure, decode_stream
 from .jobs import ImageFailure, WorkItem
 
 if TYPE_CHECKING:
-    import torch
-
-    from .annotate import Annotator
-    from .parse import Answer
+    from .answer import BatchAnswerer
+    from .records import Answer
 
 
 @dataclass
@@ -44,32 +42,24 @@ def batches(items: Iterable, size: int | Callable[[], int]) -> Iterator[list]:
         yield batch
 
 
-def default_workers(device: torch.device) -> int:
-    """Decode processes for a model on ``device``: on CUDA, CPUs − 1 (at most 8) keep the GPU fed; on
-    CPU none, as the model's threads use every core and a decode process only competes with them (on
-    2 cores, `<OD>` ran 3 to 20 % faster without one)."""
-    if device.type == "cpu":
-        return 0
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
-
-
 class LocalEngine:
-    """Decode in worker processes, generate in batches on this process's device."""
+    """Decode in ``workers`` processes (0: in this one), answer in batches on this process's device."""
 
-    def __init__(self, annotator: Annotator, workers: int = 0):
-        self.annotator = annotator
+    def __init__(self, build: Callable[[], BatchAnswerer], workers: int = 0):
+        self.build = build
         self.workers = workers
 
     def results(self, items: Iterable[WorkItem]) -> Iterator[list[ItemResult]]:
-        decoded = decode_stream(items, self.annotator.model.resize_spec, workers=self.workers)
-        for batch in batches(decoded, lambda: self.annotator.batch_size):  # it shrinks on out-of-memory
+        answerer = self.build()
+        decoded = decode_stream(items, answerer.resize_spec, workers=self.workers)
+        for batch in batches(decoded, lambda: answerer.batch_size):  # it shrinks on out-of-memory
             failed = [
                 ItemResult(d.ref, failure=ImageFailure(d.ref.name, d.reason))
                 for d in batch
                 if isinstance(d, DecodeFailure)
             ]
             images = [d for d in batch if not isinstance(d, DecodeFailure)]
-            answered = self.annotator.answer_batch_safely(images) if images else []
+            answered = answerer.answer_safely(images) if images else []
             results = [
                 ItemResult(image.ref, image.width, image.height, failure=outcome)
                 if isinstance(outcome, ImageFailure)

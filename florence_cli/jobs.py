@@ -195,7 +195,7 @@ def parse_requests(
     for task in dict.fromkeys(names):  # dedupe, keep order
         if not task.needs_text:
             requests.append(TaskRequest(task))
-        elif task.name == "OPEN_VOCABULARY_DETECTION" and class_list:
+        elif task.per_class and class_list:
             requests.append(TaskRequest(task, classes=class_list))
         elif source and task.text_input is TextInput.PHRASE and task is not source:
             requests.append(TaskRequest(task, ground_from=source))

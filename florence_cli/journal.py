@@ -14,23 +14,24 @@ import itertools
 import json
 import os
 import tempfile
-from collections.abc import Iterator
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .discover import ImageRef, name_order
+from .records import Answer, job_identity
 
 _SORT_CHUNK = 50_000  # records sorted in memory at once when rebuilding outputs
 
 
-def work_key(ref: ImageRef, job_identity: str) -> bytes:
+def work_key(ref: ImageRef, job: str) -> bytes:
     """Identity of one piece of work: the file's name, size and mtime, and the job (task + text input)."""
     try:
         stat = os.stat(ref.path)
         identity = f"{stat.st_size}:{stat.st_mtime_ns}"
     except OSError:
         identity = "missing"
-    return hashlib.blake2b(f"{ref.name}\0{identity}\0{job_identity}".encode(), digest_size=12).digest()
+    return hashlib.blake2b(f"{ref.name}\0{identity}\0{job}".encode(), digest_size=12).digest()
 
 
 def read_record(line: bytes | str) -> dict | None:
@@ -43,9 +44,14 @@ def read_record(line: bytes | str) -> dict | None:
     return record if isinstance(record.get("file"), str) and isinstance(record.get("task"), str) else None
 
 
-def job_identity(record: dict) -> str:
-    """The job a record answers (records written before ``job`` was stored: task and text input)."""
-    return record.get("job") or f"{record['task']}\0{record.get('text') or ''}"
+def read_journal(path: Path) -> Iterator[Answer]:
+    """The answers of the journal at ``path``, in the order they were written; damaged lines and a last
+    line that a killed run cut short are skipped."""
+    with open(path, "rb") as file:
+        for line in file:
+            record = read_record(line) if line.endswith(b"\n") else None
+            if record is not None:
+                yield Answer.from_record(record)
 
 
 class Journal:
@@ -77,10 +83,10 @@ class Journal:
             with open(self.path, "r+b") as file:
                 file.truncate(good_bytes)
 
-    def append(self, records: list[dict]) -> None:
-        """Commit finished records (a batch at a time): on disk before it returns. If writing fails
+    def append(self, answers: list[Answer]) -> None:
+        """Commit finished answers (a batch at a time): on disk before it returns. If writing fails
         (a full disk), the journal is cut back to what it held, so it never keeps half a batch."""
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+        data = "".join(json.dumps(a.record(), ensure_ascii=False) + "\n" for a in answers).encode("utf-8")
         size = self._file.tell()
         try:
             self._file.write(data)
@@ -89,22 +95,39 @@ class Journal:
         except OSError:
             self._file = _reopen_at(self.path, self._file, size)
             raise
-        self.done.update(bytes.fromhex(r["key"]) for r in records)
+        self.done.update(a.key for a in answers)
 
     def close(self) -> None:
         self._file.close()
 
-    def sorted_records(self) -> Iterator[dict]:
-        """Every image's records in name order: per job, the latest; in the order of the jobs.
+    @contextmanager
+    def sorted(self) -> Iterator[Callable[[str | None], Iterator[Answer]]]:
+        """Sort the journal once, for every file built from it: yields a reader of its answers (those of
+        one task, or all) in name order — per job the latest, in the order of the jobs.
 
         Sorted in chunks on disk and merged, so memory stays flat however long the journal is.
         """
         with tempfile.TemporaryDirectory(dir=self.path.parent) as scratch:
-            chunks = list(self._sorted_chunks(Path(scratch)))
-            merged = heapq.merge(*(_read_chunk(c) for c in chunks), key=lambda item: item[0])
-            for _, group in itertools.groupby((record for _, record in merged), key=lambda r: r["file"]):
-                latest = {job_identity(record): record for record in group}  # later lines win
-                yield from sorted(latest.values(), key=lambda r: (r.get("job_index", 0), job_identity(r)))
+            sorted_path = Path(scratch) / "sorted.jsonl"
+            with open(sorted_path, "w", encoding="utf-8") as out:
+                for record in self._sorted_records(Path(scratch)):
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+            def answers(task: str | None = None) -> Iterator[Answer]:
+                with open(sorted_path, encoding="utf-8") as file:
+                    for line in file:
+                        record = json.loads(line)
+                        if task is None or record["task"] == task:
+                            yield Answer.from_record(record)
+
+            yield answers
+
+    def _sorted_records(self, scratch: Path) -> Iterator[dict]:
+        chunks = list(self._sorted_chunks(scratch))
+        merged = heapq.merge(*(_read_chunk(c) for c in chunks), key=lambda item: item[0])
+        for _, group in itertools.groupby((record for _, record in merged), key=lambda r: r["file"]):
+            latest = {job_identity(record): record for record in group}  # later lines win
+            yield from sorted(latest.values(), key=lambda r: (r.get("job_index", 0), job_identity(r)))
 
     def _sorted_chunks(self, scratch: Path) -> Iterator[Path]:
         chunk: list[tuple[list, dict]] = []

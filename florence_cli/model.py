@@ -22,7 +22,6 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from .beam import compacting_beam_search
 from .checkpoint import (
-    DEFAULT_MODEL,
     PICKLE,
     SAFETENSORS,
     SAFETENSORS_INDEX,
@@ -33,6 +32,7 @@ from .checkpoint import (
     locate_model,
     pickle_refused,
 )
+from .config import DEFAULT_MODEL
 from .decode import ResizeSpec
 from .exact import reference_shapes
 from .jobs import TaskRequest

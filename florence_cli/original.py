@@ -22,9 +22,24 @@ from typing import Any
 
 from .checkpoint import PICKLE, PICKLE_INDEX, SAFETENSORS, SAFETENSORS_INDEX, pickle_refused
 from .postconfig import post_processor_config
-from .tiny import IMAGE_TOKEN, microsoft_added_tokens
 
 log = logging.getLogger(__name__)
+
+# The 1,024 tokens Microsoft's processor adds, in its order: location tokens must sit at the
+# same offsets relative to each other, and ``<image>`` must come after all of them.
+TASK_TOKENS_BEFORE_LOCATIONS = ["<od>", "</od>", "<ocr>", "</ocr>"]
+TASK_TOKENS_AFTER_LOCATIONS = [
+    "<cap>", "</cap>", "<ncap>", "</ncap>", "<dcap>", "</dcap>", "<grounding>", "</grounding>",
+    "<seg>", "</seg>", "<sep>", "<region_cap>", "</region_cap>", "<region_to_desciption>",
+    "</region_to_desciption>", "<proposal>", "</proposal>", "<poly>", "</poly>", "<and>",
+]  # fmt: skip
+IMAGE_TOKEN = "<image>"
+
+
+def microsoft_added_tokens() -> list[str]:
+    """The tokens Microsoft's Florence-2 processor adds to BART's vocabulary, in order."""
+    locations = [f"<loc_{i}>" for i in range(1000)]
+    return TASK_TOKENS_BEFORE_LOCATIONS + locations + TASK_TOKENS_AFTER_LOCATIONS
 
 # Microsoft's remote code generates through its language model, whose generation settings come from
 # text_config; transformers 5's BartConfig drops most of them, so they are carried over by hand.
@@ -122,54 +137,6 @@ def convert_checkpoint(src: Path, dst: Path, *, allow_pickle: bool = False) -> P
     return dst
 
 
-def write_original_twin(
-    native_folder: Path,
-    dst: Path,
-    *,
-    tie_mode: str = "shared_only",
-    fmt: str = "safetensors",
-    final_logits_bias=None,
-    generation_fields: dict | None = None,
-    fp16: bool = False,
-) -> Path:
-    """Write a native checkpoint in Microsoft's layout (the inverse of loading), for tests; returns ``dst``.
-
-    ``tie_mode`` "shared_only" stores the embedding once, as safetensors copies do; "all_copies" stores
-    all four tied names, as Microsoft's ``.bin`` does. ``generation_fields`` go into text_config.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    if tie_mode not in ("shared_only", "all_copies") or fmt not in ("safetensors", "bin"):
-        raise ValueError(f"unknown tie_mode {tie_mode!r} or fmt {fmt!r}")
-    native_folder, dst = Path(native_folder), Path(dst)
-    native = _read_json(native_folder / "config.json")
-    vocab = native["image_token_id"]  # rows from <image> on are the native model's own additions
-    dtype = torch.float16 if fp16 else torch.float32
-    state = _original_state(native_folder, vocab, all_copies=tie_mode == "all_copies", shared=fmt == "bin")
-    bias = torch.zeros(vocab) if final_logits_bias is None else torch.as_tensor(final_logits_bias)
-    state[BIAS] = bias.reshape(1, vocab)
-    state = {
-        name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in state.items()
-    }
-    dst.mkdir(parents=True, exist_ok=True)
-    if fmt == "bin":
-        torch.save(state, dst / PICKLE)
-    else:
-        save_file(state, dst / SAFETENSORS, metadata={"format": "pt"})
-    config = _original_config(native, vocab, generation_fields or {}, str(dtype).removeprefix("torch."))
-    _write_json(dst / "config.json", config)
-    _write_bart_tokenizer(native_folder / "tokenizer.json", dst, vocab - len(microsoft_added_tokens()))
-    image = _read_json(native_folder / "processor_config.json")["image_processor"]
-    _write_json(dst / "preprocessor_config.json", {
-        "auto_map": {"AutoProcessor": "processing_florence2.Florence2Processor"},
-        "processor_class": "Florence2Processor", "image_processor_type": "CLIPImageProcessor",
-        "do_convert_rgb": None, "image_seq_length": image["image_seq_length"],
-        **{key: image[key] for key in IMAGE_FIELDS if key in image},
-    })  # fmt: skip
-    return dst
-
-
 # --- loading ------------------------------------------------------------------------------------------
 
 
@@ -242,7 +209,7 @@ def _native_state(raw: dict, expected: dict, folder: Path) -> dict:
     used = {*TIED, BIAS}
     state = {}
     for key, meta in expected.items():
-        name = _original_name(key)
+        name = original_name(key)
         tensor = embedding if name in TIED else raw.get(name)
         if tensor is None:
             raise OriginalCheckpointError(f"{folder}: tensor {name!r} is missing from the weights")
@@ -340,7 +307,8 @@ def _weight_files(folder: Path) -> tuple[list[Path], bool]:
     raise OriginalCheckpointError(f"{folder}: no {SAFETENSORS} or {PICKLE} found")
 
 
-def _original_name(native_key: str) -> str:
+def original_name(native_key: str) -> str:
+    """The name a native tensor has in Microsoft's layout."""
     for pattern, replacement in _RENAMES:
         native_key = re.sub(pattern, replacement, native_key)
     return native_key
@@ -409,72 +377,8 @@ def _tokenizer(folder: Path, image_id: int):
     return tokenizer
 
 
-# --- writing twins ------------------------------------------------------------------------------------
-
-
-def _original_state(native_folder: Path, vocab: int, *, all_copies: bool, shared: bool) -> dict:
-    """Native weights under original names, the embedding cut to ``vocab`` rows and stored once or four times.
-
-    ``shared`` keeps the copies on one storage, as a pickle can (safetensors files refuse it).
-    """
-    from safetensors.torch import load_file
-
-    state = {}
-    for key, tensor in load_file(native_folder / SAFETENSORS).items():
-        name = _original_name(key)
-        state[name] = tensor.T.contiguous() if name == PROJECTION else tensor
-    embedding = next(state[name] for name in TIED if name in state)[:vocab]
-    for index, name in enumerate(TIED):
-        state.pop(name, None)
-        if index == 0 or all_copies:
-            state[name] = embedding if shared else embedding.clone()
-    return state
-
-
-def _original_config(native: dict, vocab: int, generation: dict, dtype: str) -> dict:
-    """Microsoft's config.json for a native config whose vocabulary is cut back to ``vocab``."""
-    text, vision = native["text_config"], native["vision_config"]
-    text_config = {key: text[key] for key in TEXT_FIELDS if key in text}
-    text_config.update(model_type="florence2_language", vocab_size=vocab, **generation)
-    vision_config = {key: vision[key] for key in VISION_REQUIRED[1:] + VISION_OPTIONAL}
-    vision_config.update(
-        model_type="davit",
-        dim_embed=vision["embed_dim"],
-        enable_checkpoint=False,
-        image_pos_embed={"type": "learned_abs_2d", "max_pos_embeddings": vision["max_position_embeddings"]},
-        visual_temporal_embedding={
-            "type": "COSINE",
-            "max_temporal_embeddings": vision["max_temporal_embeddings"],
-        },
-        image_feature_source=FEATURE_SOURCE,
-    )
-    return {
-        "_name_or_path": "florence2", "architectures": ["Florence2ForConditionalGeneration"],
-        "auto_map": AUTO_MAP, "model_type": "florence2", "bos_token_id": 0, "eos_token_id": 2,
-        "pad_token_id": 1, "ignore_index": -100, "projection_dim": vision["projection_dim"],
-        "vocab_size": vocab, "is_encoder_decoder": True, "torch_dtype": dtype,
-        "text_config": text_config, "vision_config": vision_config,
-    }  # fmt: skip
-
-
-def _write_bart_tokenizer(tokenizer_json: Path, dst: Path, base: int) -> None:
-    """BART's files as Microsoft ships them: the first ``base`` ids, none of Florence-2's added tokens."""
-    spec = _read_json(tokenizer_json)
-    vocab = {token: index for token, index in spec["model"]["vocab"].items() if index < base}
-    merges = [" ".join(merge) if isinstance(merge, list) else merge for merge in spec["model"]["merges"]]
-    spec["added_tokens"] = [token for token in spec["added_tokens"] if token["id"] < base]
-    _write_json(dst / "tokenizer.json", spec)
-    _write_json(dst / "vocab.json", vocab)
-    (dst / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    _write_json(dst / "tokenizer_config.json", {"model_max_length": 1024})
-
-
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise OriginalCheckpointError(f"{path}: cannot read ({error})") from error
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

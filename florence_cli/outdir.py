@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .formats.coco import write_coco
 from .journal import Journal
 from .tasks import Task
 from .writers import atomic_writer, text_path
@@ -87,6 +88,17 @@ class OutputFolder:
         with atomic_writer(self.text_path(task, name)) as file:
             file.write(text)
 
+    def write_coco_files(self, tasks: list[tuple[Task, list[str] | None]], model_name: str) -> dict[str, int]:
+        """Rebuild the COCO file of each (task, its classes or None) from everything the journal holds,
+        sorted once for all of them; returns each file's number of images."""
+        written = {}
+        with self.journal.sorted() as answers:
+            for task, classes in tasks:
+                path = self.path / f"{task.slug}.json"
+                info = {"description": f"florence-cli {task.name}", "task": task.name, "model": model_name}
+                written[path.name] = write_coco(path, task, lambda t=task: answers(t.name), info, classes)
+        return written
+
     def log_error(self, record: dict) -> None:
         self.errors.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.errors.flush()
@@ -98,6 +110,17 @@ class OutputFolder:
         if self._lock is not None:
             os.close(self._lock)  # releases the lock
             self._lock = None
+
+
+def read_settings(folder: Path) -> dict:
+    """The settings an output folder's answers were made with (``OutputError`` if it is not one)."""
+    path = Path(folder) / STATE / "settings.json"
+    if not path.is_file() or not (path.parent / "journal.jsonl").is_file():
+        raise OutputError(f"{folder} is not a florence annotate output folder (no {STATE}/settings.json)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise OutputError(f"{path} is damaged") from None
 
 
 def _take_lock(state: Path, folder: Path) -> int | None:

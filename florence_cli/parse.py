@@ -1,4 +1,5 @@
-"""Stage 5: parse generated text into typed answers.
+"""Stage 5: parse generated text into typed answers (``records.Answer``), one parser per post-processing
+type.
 
 The rules are transformers' Florence-2 post-processing rules (the reference), with two deliberate
 differences the product promises: coordinates are the float centres of the 1000 location bins, as
@@ -12,65 +13,15 @@ import functools
 import itertools
 import math
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
-from .tasks import Output, Task
+from .records import Answer, Instance
+from .tasks import Task
 
 _LOC = r"<loc_(\d+)>"
 _BOX = _LOC * 4
 _LABEL_END = r"(?=<od>|</od>|<box>|</box>|<bbox>|</bbox>|<loc_)"
 _STRIPPED_TOKENS = ("<s>", "</s>", "<pad>")
-
-
-@dataclass
-class Instance:
-    """One box, polygon set or OCR quad with its label (OCR: the text) and confidence."""
-
-    label: str
-    bbox: list[float] | None = None  # x1, y1, x2, y2 in pixels
-    polygons: list[list[float]] = field(default_factory=list)  # each x1, y1, x2, y2, ... in pixels
-    quad: list[float] | None = None  # OCR: four corners x1, y1, ..., x4, y4
-    score: float | None = None
-    category: str | None = None  # the class asked for, when one query was made per class
-
-
-@dataclass
-class Answer:
-    """A task's parsed answer for one image."""
-
-    task: Task
-    width: int
-    height: int
-    raw: str  # generated text with special tokens
-    text: str | None = None  # text tasks
-    instances: list[Instance] = field(default_factory=list)
-
-    def result(self) -> str | dict:
-        """The answer in the structure ``post_process_generation`` gives (plus ``scores``)."""
-        if self.task.output is Output.TEXT:
-            return self.text
-        inst = self.instances
-        scores = {"scores": [i.score for i in inst]} if inst and inst[0].score is not None else {}
-        if self.task.output is Output.OCR_REGIONS:
-            return {"quad_boxes": [i.quad for i in inst], "labels": [i.label for i in inst], **scores}
-        if self.task.output is Output.POLYGONS:
-            return {"polygons": [i.polygons for i in inst], "labels": [i.label for i in inst], **scores}
-        if self.task.output is Output.BOXES:
-            return {"bboxes": [i.bbox for i in inst], "labels": [i.label for i in inst], **scores}
-        boxes = [i for i in inst if i.bbox is not None and not i.polygons]
-        polys = [i for i in inst if i.polygons]
-        return {
-            "bboxes": [i.bbox for i in boxes],
-            "bboxes_labels": [i.label for i in boxes],
-            "polygons": [i.polygons for i in polys],
-            "polygons_labels": [i.label for i in polys],
-            **(
-                {"bboxes_scores": [i.score for i in boxes], "polygons_scores": [i.score for i in polys]}
-                if scores
-                else {}
-            ),
-        }
 
 
 class TokenText:
@@ -153,27 +104,12 @@ def parse_answer(
     ``tokens`` (optional) lets instances carry scores; ``banned`` lists phrases grounding drops.
     """
     tokens = tokens or TokenText(clean_text(raw))
-    text = tokens.text
     answer = Answer(task, width, height, raw)
-    size = (width, height)
-    kind = task.parse_type
-    if kind == "pure_text":
-        answer.text = text.strip()
-    elif kind == "ocr":
-        answer.instances = _ocr(text, size, tokens)
-    elif kind in ("description_with_bboxes", "bboxes"):
-        answer.instances = _boxes(text, size, tokens, allow_empty=kind == "bboxes")
-    elif kind == "phrase_grounding":
-        answer.instances = _boxes(text, size, tokens, allow_empty=False, banned=banned)
-    elif kind == "polygons":
-        answer.instances = _polygons(text, size, tokens, allow_empty=True)
-    elif kind == "description_with_bboxes_or_polygons":
-        if "<poly>" in text:
-            answer.instances = _polygons(text, size, tokens, allow_empty=False)
-        else:
-            answer.instances = _boxes(text, size, tokens, allow_empty=False)
+    parsed = PARSERS[task.parse_type](tokens.text, (width, height), tokens, banned)
+    if isinstance(parsed, str):
+        answer.text = parsed
     else:
-        raise ValueError(f"no parser for {kind!r}")
+        answer.instances = parsed
     return answer
 
 
@@ -246,3 +182,29 @@ def _polygons(text: str, size, tokens: TokenText, allow_empty: bool) -> list[Ins
             span = (offset + piece_offset + runs[0].start(), offset + piece_offset + runs[-1].end())
             instances.append(Instance(label, polygons=polygons, score=tokens.score(label_span, span)))
     return instances
+
+
+def _boxes_or_polygons(text: str, size, tokens: TokenText) -> list[Instance]:
+    if "<poly>" in text:
+        return _polygons(text, size, tokens, allow_empty=False)
+    return _boxes(text, size, tokens, allow_empty=False)
+
+
+Parser = Callable[[str, tuple[int, int], TokenText, frozenset], "str | list[Instance]"]
+
+
+def _unbanned(parse: Callable, **variant) -> Parser:
+    """A parser for which no phrase is banned (only grounding drops Microsoft's banned phrases)."""
+    return lambda text, size, tokens, banned: parse(text, size, tokens, **variant)
+
+
+# One parser per post-processing type of the task table (transformers' ``parse_type``).
+PARSERS: dict[str, Parser] = {
+    "pure_text": _unbanned(lambda text, size, tokens: text.strip()),
+    "ocr": _unbanned(_ocr),
+    "description_with_bboxes": _unbanned(_boxes, allow_empty=False),
+    "bboxes": _unbanned(_boxes, allow_empty=True),
+    "phrase_grounding": lambda text, size, tokens, banned: _boxes(text, size, tokens, False, banned),
+    "polygons": _unbanned(_polygons, allow_empty=True),
+    "description_with_bboxes_or_polygons": _unbanned(_boxes_or_polygons),
+}

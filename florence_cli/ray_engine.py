@@ -1,6 +1,6 @@
 """The Ray engine: decode tasks on CPUs, one model replica per GPU, on Ray Data, across a node or a cluster.
 
-The driver is the local one (``annotate.Run``: discovery, journal, writers, errors). This engine
+The driver is the local one (``runner.run``: discovery, journal, writers, errors). This engine
 numbers the work items it is given and hands Ray one row per model batch — the batches a local run
 makes, ``{idx, path, jobs}`` of each image — and yields the results in submission order
 (``Reorder``), so the outputs equal a local run's. A batch that a crash took with it is tried again,
@@ -18,10 +18,9 @@ import math
 import pickle
 import socket
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
@@ -30,54 +29,19 @@ import ray.exceptions
 from ray.data.exceptions import ExecutionTimeoutError
 from ray.util.annotations import RayDeprecationWarning
 
-from .config import GenerationSettings, auto_batch_size, output_settings
+from .answer import AnswererBuilder
+from .config import RunConfig
 from .decode import DecodedImage, ResizeSpec, decode_or_reason
 from .engine import ItemResult, batches
-from .jobs import ImageFailure, TaskRequest, WorkItem, as_requests
+from .jobs import ImageFailure, TaskRequest, WorkItem
 from .outdir import OutputFolder
-from .runner import Run
-
-if TYPE_CHECKING:
-    from .annotate import Annotator
-    from .runner import RunSummary
-    from .shard import Shard
+from .runner import RunSummary, run_into
 
 LOST = "lost: worker crashed"
 
 
 class RayEngineError(Exception):
     """The Ray job cannot run as asked; the message is one line for the user."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How every model replica builds its ``Annotator`` (the arguments of ``Annotator()``, picklable).
-
-    The driver never loads the weights; ``annotate.Run`` reads ``model_name`` and ``settings()`` here.
-    """
-
-    model_name: str
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int | str = 8  # or "auto", as for Annotator
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-    allow_pickle: bool = False
-    min_score: float | None = None
-    exact: bool = True
-
-    def build(self, device: str) -> Annotator:
-        from .annotate import Annotator
-
-        return Annotator(
-            self.model_name, device, self.dtype, self.batch_size, self.generation, self.allow_pickle,
-            self.min_score, self.exact,
-        )  # fmt: skip
-
-    def settings(self, shard: Shard | None = None) -> dict:
-        """The settings an ``Annotator`` built from this spec reports."""
-        return output_settings(
-            self.model_name, self.generation, self.min_score, self.exact, str(shard) if shard else None
-        )
 
 
 @dataclass(frozen=True)
@@ -100,7 +64,7 @@ class Placement:
     replica_gpus: int  # 1, or 0 for replicas on CPUs
     replica_cpus: float
     decode_cpus: int
-    device: str  # what each replica passes to ``Annotator``
+    device: str  # where each replica builds its answerer
 
 
 def plan_placement(nodes: list[dict[str, float]], device: str, options: RayOptions) -> Placement:
@@ -159,24 +123,24 @@ def decode_group(row: dict, spec: ResizeSpec) -> dict:
 
 
 class ModelStage:
-    """Model stage (an actor, one GPU): loads the model once, answers batches, passes error rows through.
+    """Model stage (an actor, one GPU): builds its answerer once, answers batches, passes error rows
+    through.
 
-    ``Annotator.answer_batch_safely`` retries a failing batch until only the guilty image fails; an image
+    ``BatchAnswerer.answer_safely`` retries a failing batch until only the guilty image fails; an image
     that makes the model call ``sys.exit`` fails alone too, instead of ending the actor (which Ray Data
     would wait for forever). On CPU it computes with ``threads`` threads, as a local run does.
     """
 
-    def __init__(self, spec: ModelSpec, device: str, resize: ResizeSpec, threads: int):
+    def __init__(self, build: AnswererBuilder, device: str, resize: ResizeSpec, threads: int):
         import torch
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.set_verbosity_error()
         transformers_logging.disable_progress_bar()
-        self.annotator = spec.build(device)
-        if self.annotator.model.resize_spec != resize:
-            model_spec = self.annotator.model.resize_spec
-            raise RayEngineError(f"the model resizes to {model_spec}, the driver to {resize}")
-        if self.annotator.model.device.type == "cpu":
+        self.answerer = build(device)
+        if self.answerer.resize_spec != resize:
+            raise RayEngineError(f"the model resizes to {self.answerer.resize_spec}, the driver to {resize}")
+        if self.answerer.model.device.type == "cpu":
             torch.set_num_threads(threads)  # float sums depend on it; Ray would set the replica's CPU share
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -202,7 +166,7 @@ class ModelStage:
             if image is not None:
                 ref = WorkItem(str(path), str(path), (), pickle.loads(jobs))
                 images[k] = DecodedImage(ref, int(width), int(height), image)
-        size_now = lambda: self.annotator.batch_size  # noqa: E731 - it shrinks after out-of-memory
+        size_now = lambda: self.answerer.batch_size  # noqa: E731 - it shrinks after out-of-memory
         answered = [
             outcome for chunk in batches(images.values(), size_now) for outcome in self._answer(chunk)
         ]
@@ -218,7 +182,7 @@ class ModelStage:
 
     def _answer(self, images: list[DecodedImage]) -> list:
         try:
-            return self.annotator.answer_batch_safely(images)
+            return self.answerer.answer_safely(images)
         except SystemExit as exc:
             if len(images) == 1:
                 return [ImageFailure(images[0].ref.name, f"generation tried to end the worker ({exc!r})")]
@@ -254,41 +218,34 @@ class Reorder:
 class RayEngine:
     """Answers work items on Ray Data; ``run`` is ``Annotator.run`` with the model on Ray workers.
 
-    >>> engine = RayEngine(ModelSpec("microsoft/Florence-2-large-ft", batch_size=16))   # doctest: +SKIP
-    >>> engine.run(["/shared/imgs"], "/shared/out", ["OD", "CAPTION"]).line()            # doctest: +SKIP
+    >>> config = RunConfig(ModelConfig("microsoft/Florence-2-large-ft"), batch_size=16)   # doctest: +SKIP
+    >>> RayEngine(config).run(["/shared/imgs"], "/shared/out", ["OD", "CAPTION"]).line()  # doctest: +SKIP
     """
 
-    def __init__(self, spec: ModelSpec, options: RayOptions | None = None):
-        self.spec = spec
+    def __init__(
+        self, config: RunConfig, options: RayOptions | None = None, build: AnswererBuilder | None = None
+    ):
+        """``build``: how each replica builds its answerer (default: from ``config``)."""
+        self.config = config
         self.options = options or RayOptions()
-        self.resize = driver_resize_spec(spec.model_name, spec.allow_pickle)
+        self.build = build or AnswererBuilder(config)
+        self.resize = driver_resize_spec(config.model.name, config.model.allow_pickle)
         self.placement: Placement | None = None
         self.threads = _local_threads()
         self._started_ray = False
 
     def run(
-        self,
-        inputs: Iterable[str],
-        output: str | Path | OutputFolder,
-        tasks: list[str] | list[TaskRequest],
-        text: str | None = None,
-        overwrite: bool = False,
-        jsonl: str | None = None,
-        stdin_lines: Iterable[str] = (),
-        on_error: Callable[[ImageFailure], None] | None = None,
-        progress: bool = False,
-        shard: Shard | None = None,
-    ) -> RunSummary:
-        """Annotate every image under ``inputs`` into ``output``, as ``Annotator.run`` does."""
-        requests = as_requests(tasks, text)
-        if not isinstance(output, OutputFolder):
-            output = OutputFolder(output, self.spec.settings(shard), overwrite)
+        self, inputs: Iterable[str], output: str | Path | OutputFolder, tasks: list[str] | list[TaskRequest],
+        **options,
+    ) -> RunSummary:  # fmt: skip
+        """Annotate every image under ``inputs`` into ``output``, as ``Annotator.run`` does (``options``:
+        ``text``, ``stdin_lines``, ``on_error``, ``overwrite``, ``jsonl``, ``progress``, ``shard``)."""
         try:
             self.connect()
-            run = Run(requests, output, self.spec.model_name, jsonl, on_error, progress, shard)
-            return run.execute(inputs, stdin_lines, self)
+            return run_into(output, inputs, tasks, self.config, self, **options)
         finally:
-            output.close()
+            if isinstance(output, OutputFolder):
+                output.close()
             self.close()
 
     def connect(self) -> Placement:
@@ -306,7 +263,7 @@ class RayEngine:
             self._started_ray = True
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-        self.placement = plan_placement(nodes, self.spec.device, self.options)
+        self.placement = plan_placement(nodes, self.config.model.device, self.options)
         return self.placement
 
     def close(self) -> None:
@@ -321,7 +278,7 @@ class RayEngine:
         work = list(items)
         outstanding = set(range(len(work)))
         order = Reorder(self.options.reorder_window)
-        size = _batch_size(self.spec.batch_size, placement)
+        size = self.config.batch_size_on("cuda" if placement.replica_gpus else "cpu")
         reason = LOST
         for alone in (False, True):  # the model batches; then the images of those a crash lost, alone
             if not outstanding:
@@ -368,7 +325,7 @@ class RayEngine:
                 compute=ray.data.TaskPoolStrategy(size=placement.decode_cpus),
             )  # fmt: skip
             return decoded.map_batches(
-                ModelStage, fn_constructor_kwargs={"spec": self.spec, "device": placement.device,
+                ModelStage, fn_constructor_kwargs={"build": self.build, "device": placement.device,
                 "resize": self.resize, "threads": self.threads}, batch_size=1, batch_format="numpy",
                 compute=pool,
                 num_gpus=placement.replica_gpus, num_cpus=placement.replica_cpus,
@@ -393,12 +350,6 @@ def _rows(work: list[WorkItem], indices: list[int], size: int) -> list[dict]:
             "jobs": [pickle.dumps(work[i].jobs) for i in chunk],
         })  # fmt: skip
     return rows
-
-
-def _batch_size(batch_size: int | str, placement: Placement) -> int:
-    """Images per model batch; ``auto`` as ``Annotator`` resolves it (its out-of-memory halving goes on
-    in each replica)."""
-    return auto_batch_size(batch_size, on_cuda=bool(placement.replica_gpus))
 
 
 def _local_threads() -> int:

@@ -12,17 +12,19 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+from .config import RunConfig
 from .discover import Duplicate, ImageRef, InputError, discover, printable
 from .engine import Engine, ItemResult
 from .interrupts import Interrupted, critical, interruptible
-from .jobs import ImageFailure, Job, TaskRequest, WorkItem, plan_jobs
+from .jobs import ImageFailure, Job, TaskRequest, WorkItem, as_requests, plan_jobs
 from .journal import work_key
 from .outdir import OutputFolder, describe_os_error, stops_the_run
-from .parse import Answer
+from .records import Answer
 from .tasks import resolve_task
-from .writers import JsonlSink, StdoutClosed, write_coco
+from .writers import JsonlSink, StdoutClosed
 
 EXIT_OK = 0
 EXIT_IMAGES_FAILED = 1
@@ -79,27 +81,58 @@ class _OutputStopped(Exception):
     """A write that no later write would get past (a full or read-only file system)."""
 
 
-class Run:
+def run(
+    inputs: Iterable[str],
+    requests: list[TaskRequest],
+    config: RunConfig,
+    engine: Engine,
+    stdin_lines: Iterable[str] = (),
+    on_error: Callable[[ImageFailure], None] | None = None,
+    folder: OutputFolder | None = None,
+) -> RunSummary:
+    """Annotate every image under ``inputs`` with ``requests`` into ``config.output``, resuming earlier
+    work there, with ``engine`` answering; the one driver of local and Ray runs. ``folder``: the output
+    folder, if already opened (the CLI opens it before a model loads)."""
+    folder = folder or OutputFolder(config.output, config.settings(), config.overwrite)
+    return _Run(requests, folder, config, on_error).execute(inputs, stdin_lines, engine)
+
+
+def run_into(
+    output: str | Path | OutputFolder,
+    inputs: Iterable[str],
+    tasks: list[str] | list[TaskRequest],
+    config: RunConfig,
+    engine: Engine,
+    text: str | None = None,
+    stdin_lines: Iterable[str] = (),
+    on_error: Callable[[ImageFailure], None] | None = None,
+    **options,
+) -> RunSummary:
+    """``run`` into ``output`` (a path, or a folder already opened), with ``tasks`` as names (``text`` for
+    those that need one) or requests, and ``options`` setting ``config``'s fields (``overwrite``,
+    ``jsonl``, ``progress``, ``shard``, ``workers``): what the Python API's ``run`` methods share."""
+    folder = output if isinstance(output, OutputFolder) else None
+    config = replace(config, output=folder.path if folder else Path(output), **options)
+    return run(inputs, as_requests(tasks, text), config, engine, stdin_lines, on_error, folder)
+
+
+class _Run:
     """One run of the driver into an opened output folder, which it closes at the end."""
 
     def __init__(
         self,
         requests: list[TaskRequest],
         folder: OutputFolder,
-        model_name: str,
-        jsonl: str | None = None,
-        on_error: Callable[[ImageFailure], None] | None = None,
-        progress: bool = False,
-        shard=None,
+        config: RunConfig,
+        on_error: Callable[[ImageFailure], None] | None,
     ):
         self.requests = requests
         self.folder = folder
-        self.model_name = model_name
+        self.config = config
         self.on_error = on_error
-        self.shard = shard
         self.summary = RunSummary(damaged_journal_lines=folder.journal.damaged_lines)
-        self.sink = JsonlSink(jsonl) if jsonl else None
-        self.bar = _progress_bar(progress)
+        self.sink = JsonlSink(config.jsonl) if config.jsonl else None
+        self.bar = _progress_bar(config.progress)
 
     def execute(self, inputs: Iterable[str], stdin_lines: Iterable[str], engine: Engine) -> RunSummary:
         """Feed ``engine`` the work not done yet and write what comes back; stops cleanly on SIGINT,
@@ -138,7 +171,8 @@ class Run:
     def work(self, inputs: Iterable[str], stdin_lines: Iterable[str]) -> Iterator[WorkItem]:
         """Images with the jobs not yet done on them; images with nothing to do are counted, not sent."""
         for found in discover(inputs, stdin_lines):
-            if self.shard and not self.shard.takes(found.name if isinstance(found, ImageRef) else found.path):
+            shard = self.config.shard
+            if shard and not shard.takes(found.name if isinstance(found, ImageRef) else found.path):
                 continue
             if isinstance(found, Duplicate):
                 self.summary.duplicates += 1
@@ -169,7 +203,8 @@ class Run:
 
     def write(self, results: list[ItemResult]) -> None:
         """Write a batch's answer files, then journal it, then stream it: what is journaled is on disk."""
-        records, answered = [], 0
+        journaled: list[Answer] = []
+        answered = 0
         for result in results:
             if result.failure:
                 self.fail(result.failure)
@@ -185,19 +220,22 @@ class Run:
                 self.fail(ImageFailure(result.item.name, _cannot_write(where, exc)))
                 continue
             answered += 1
-            jobs = zip(result.item.jobs, result.answers, strict=True)
-            records += [_journal_record(result.item, job, answer) for job, answer in jobs]
+            for job, answer in zip(result.item.jobs, result.answers, strict=True):
+                journaled.append(
+                    replace(answer, file=result.item.name, query=job.text, key=job.key, job=job.identity(),
+                            job_index=job.index)
+                )  # fmt: skip
         try:
-            self.folder.journal.append(records)
+            self.folder.journal.append(journaled)
         except OSError as exc:
             raise _OutputStopped(_cannot_write(self.folder.journal.path, exc)) from exc
         self.summary.annotated += answered
-        self.summary.answers += len(records)
+        self.summary.answers += len(journaled)
         if self.bar is not None:
             self.bar.update(len(results))
         if self.sink:
             try:
-                self.sink.write(_public_record(r) for r in records)
+                self.sink.write(answer.public() for answer in journaled)
             except StdoutClosed:
                 raise
             except OSError as exc:
@@ -210,47 +248,13 @@ class Run:
         self.folder.journal.close()
         if self.sink:
             self.sink.close()
+        coco = [(r.task, list(r.classes) or None) for r in self.requests if r.task.writes_coco]
         try:
-            for request in self.requests:
-                if request.task.writes_coco:
-                    self._write_coco(request)
+            self.folder.write_coco_files(coco, self.config.model.name)
         except OSError as exc:
             self.summary.output_error = _cannot_write(self.folder.path, exc)
         finally:
             self.folder.close()
-
-    def _write_coco(self, request: TaskRequest) -> None:
-        task = request.task
-
-        def records():
-            return (r for r in self.folder.journal.sorted_records() if r["task"] == task.name)
-
-        info = {"description": f"florence-cli {task.name}", "task": task.name, "model": self.model_name}
-        path = self.folder.path / f"{task.slug}.json"
-        write_coco(path, task, records, info, list(request.classes) or None)
-
-
-def _journal_record(item: WorkItem, job: Job, answer: Answer) -> dict:
-    return {
-        "file": item.name,
-        "task": answer.task.name,
-        **({"text": job.text} if job.text is not None else {}),
-        "width": answer.width,
-        "height": answer.height,
-        "result": answer.result(),
-        "raw": answer.raw,
-        "key": job.key.hex(),
-        "job": job.identity(),
-        "job_index": job.index,
-        "instances": [asdict(i) for i in answer.instances],
-    }
-
-
-_PUBLIC_FIELDS = ("file", "task", "text", "width", "height", "result", "raw")
-
-
-def _public_record(record: dict) -> dict:
-    return {k: record[k] for k in _PUBLIC_FIELDS if k in record}
 
 
 def _cannot_write(path, exc: OSError) -> str:

@@ -32,8 +32,9 @@ class Task:
     name: str  # e.g. "OD"
     output: Output
     text_input: TextInput
-    parse_type: str  # transformers' post-processing type for this task
+    parse_type: str  # transformers' post-processing type for this task (parse.PARSERS)
     summary: str
+    per_class: bool = False  # takes --classes: one query per class name
 
     @property
     def token(self) -> str:
@@ -77,6 +78,7 @@ TASKS: dict[str, Task] = {
             _PH,
             "description_with_bboxes_or_polygons",
             "boxes or polygons for a class name",
+            per_class=True,
         ),
         Task("REGION_TO_CATEGORY", _T, _RE, "pure_text", "category of a region"),
         Task("REGION_TO_DESCRIPTION", _T, _RE, "pure_text", "description of a region"),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from florence_cli.tiny import make_tiny_model
+from florence_cli.testing.tiny import make_tiny_model
 
 # Short generations keep the suite fast; equality with the reference does not depend on length.
 MAX_NEW_TOKENS = 24

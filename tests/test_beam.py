@@ -12,7 +12,7 @@ from florence_cli import beam
 from florence_cli.annotate import Annotator, GenerationSettings
 from florence_cli.beam import _beams_alike
 from florence_cli.model import FlorenceModel
-from florence_cli.tiny import build_random, tilt_towards_eos
+from florence_cli.testing.tiny import build_random, tilt_towards_eos
 
 from .conftest import Reference, random_image, write_images
 from .helpers import assert_same_answer, read_jsonl

@@ -251,7 +251,7 @@ def test_decode_processes_by_default_only_feed_a_gpu(tiny_model, folder, tmp_pat
     import torch
 
     from florence_cli.annotate import Annotator
-    from florence_cli.engine import default_workers
+    from florence_cli.config import default_workers
 
     assert default_workers(torch.device("cpu")) == 0
     assert default_workers(torch.device("cuda")) >= min(1, (os.cpu_count() or 1) - 1)

@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from florence_cli.cli_tools import eval_command
+from florence_cli.cli.tools import eval_command
 from florence_cli.evaluate import METRICS, evaluate, format_table
 from florence_cli.formats.coco import from_coco
 

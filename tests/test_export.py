@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 import pytest
 from click.testing import CliRunner
 
-from florence_cli.cli_tools import export
+from florence_cli.cli.tools import export
 from florence_cli.formats import FormatError, export_files
 from florence_cli.formats.coco import from_coco
 from florence_cli.formats.labelstudio import from_labelstudio

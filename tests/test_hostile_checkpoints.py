@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import florence_cli
-from florence_cli.original import write_original_twin
+from florence_cli.testing.original_twin import write_original_twin
 
 from .conftest import random_image
 

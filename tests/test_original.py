@@ -22,9 +22,10 @@ from florence_cli.original import (
     OriginalCheckpointError,
     convert_checkpoint,
     load_original,
-    write_original_twin,
+    microsoft_added_tokens,
 )
-from florence_cli.tiny import make_tiny_model, microsoft_added_tokens
+from florence_cli.testing.original_twin import write_original_twin
+from florence_cli.testing.tiny import make_tiny_model
 
 MAX_NEW_TOKENS = 20
 # What Microsoft's text_config carries, and the same as generate() flags for the native model

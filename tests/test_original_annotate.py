@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from florence_cli.cli import main
-from florence_cli.original import write_original_twin
+from florence_cli.testing.original_twin import write_original_twin
 
 from .conftest import MAX_NEW_TOKENS, write_images
 from .helpers import read_jsonl

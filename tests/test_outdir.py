@@ -11,6 +11,8 @@ import sys
 import pytest
 
 from florence_cli.outdir import FolderInUse, OutputError, OutputFolder, SettingsMismatch
+from florence_cli.records import Answer
+from florence_cli.tasks import TASKS
 from florence_cli.writers import atomic_writer
 
 SETTINGS = {"model": "m", "generation": {"num_beams": 3}, "min_score": None}
@@ -28,7 +30,7 @@ def test_other_settings_are_refused_only_where_answers_were_made_with_the_first(
     OutputFolder(tmp_path / "out", SETTINGS).close()  # say, a run whose model then failed to load
     other = {**SETTINGS, "model": "fixed-typo"}
     folder = OutputFolder(tmp_path / "out", other)
-    folder.journal.append([{"file": "a.png", "task": "OD", "key": "00" * 12}])
+    folder.journal.append([Answer(TASKS["OD"], 64, 48, "", file="a.png", key=bytes(12))])
     folder.close()
     with pytest.raises(SettingsMismatch, match="other settings"):
         OutputFolder(tmp_path / "out", SETTINGS)

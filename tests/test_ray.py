@@ -25,27 +25,27 @@ BATCH = 3
 
 
 # -- a replica that reports itself and fails on named files, for the tests --------------------------
-def _probe_spec_class():
-    from florence_cli.ray_engine import ModelSpec
+def _probe_builder_class():
+    from florence_cli.answer import AnswererBuilder
 
     @dataclass(frozen=True)
-    class ProbeSpec(ModelSpec):
+    class ProbeBuilder(AnswererBuilder):
         """Each replica writes {pid, CUDA_VISIBLE_DEVICES, node} to ``probe_dir``; a batch holding
         ``crash.png`` kills its process, one holding ``exit.png`` calls ``sys.exit(0)``."""
 
         probe_dir: str = ""
 
-        def build(self, device):
+        def __call__(self, device=None):
             import ray
 
-            annotator = super().build(device)
+            answerer = super().__call__(device)
             record = {
                 "pid": os.getpid(),
                 "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "node": ray.get_runtime_context().get_node_id(),
             }
             Path(self.probe_dir, f"{os.getpid()}.json").write_text(json.dumps(record))
-            answer = annotator.answer_batch_safely
+            answer = answerer.answer_safely
 
             def faulty(images):
                 names = {Path(image.ref.path).name for image in images}
@@ -55,10 +55,10 @@ def _probe_spec_class():
                     sys.exit(0)
                 return answer(images)
 
-            annotator.answer_batch_safely = faulty
-            return annotator
+            answerer.answer_safely = faulty
+            return answerer
 
-    return ProbeSpec
+    return ProbeBuilder
 
 
 # -- fixtures: one Ray cluster, one input folder, one local run to compare with ----------------------
@@ -108,15 +108,14 @@ def local_run(local_runs) -> Path:
 
 
 def _engine(tiny_model, probe_dir: Path, **options):
-    from florence_cli.annotate import GenerationSettings
+    from florence_cli.config import GenerationSettings, ModelConfig, RunConfig
     from florence_cli.ray_engine import RayEngine, RayOptions
 
     probe_dir.mkdir(exist_ok=True)
-    spec = _probe_spec_class()(
-        str(tiny_model), batch_size=BATCH, generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS),
-        probe_dir=str(probe_dir),
-    )  # fmt: skip
-    return RayEngine(spec, RayOptions(**{"no_progress_timeout_s": 30, **options}))
+    generation = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
+    config = RunConfig(ModelConfig(str(tiny_model)), batch_size=BATCH, generation=generation)
+    options = RayOptions(**{"no_progress_timeout_s": 30, **options})
+    return RayEngine(config, options, build=_probe_builder_class()(config, probe_dir=str(probe_dir)))
 
 
 def _probes(probe_dir: Path) -> list[dict]:

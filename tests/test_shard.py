@@ -9,8 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from florence_cli.cli import main
+from florence_cli.config import Shard
 from florence_cli.jobs import parse_requests
-from florence_cli.shard import MergeError, Shard, merge
+from florence_cli.merge import MergeError, merge
 
 from .conftest import MAX_NEW_TOKENS, write_images
 from .helpers import read_jsonl

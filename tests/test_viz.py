@@ -8,7 +8,7 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image, ImageFont
 
-from florence_cli.cli_tools import viz
+from florence_cli.cli.tools import viz
 from florence_cli.formats.coco import Category
 from florence_cli.viz import (
     VizResult,

@@ -1,13 +1,19 @@
-"""The COCO files florence-cli writes, read into validated, typed objects that viz, eval and export share."""
+"""The COCO files florence-cli writes: streamed from answers (``write_coco``, for a run's final files and
+for ``merge``), and read back into validated, typed objects that viz, eval and export share."""
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from ..records import Answer, Instance
+from ..tasks import Task
+from ..writers import atomic_writer
 
 Box = tuple[float, float, float, float]  # x, y, width, height in pixels
 Polygon = tuple[float, ...]  # x1, y1, x2, y2, ... in pixels
@@ -204,6 +210,86 @@ def polygon_bbox(polygon: Polygon) -> Box:
     """The axis-aligned box around a flat ``x1, y1, x2, y2, ...`` polygon."""
     xs, ys = polygon[0::2], polygon[1::2]
     return (min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys))
+
+
+def polygon_area(polygon: Polygon) -> float:
+    """The area inside a flat ``x1, y1, x2, y2, ...`` polygon (the shoelace formula)."""
+    xs, ys = polygon[0::2], polygon[1::2]
+    n = len(xs)
+    return abs(sum(xs[i] * ys[(i + 1) % n] - xs[(i + 1) % n] * ys[i] for i in range(n))) / 2
+
+
+# -- writing ------------------------------------------------------------------------------------------
+
+
+def coco_annotation(instance: Instance) -> dict:
+    """COCO fields for one parsed instance: ``bbox`` [x, y, w, h], ``area``, ``segmentation``."""
+    shapes = instance.polygons or ([instance.quad] if instance.quad else [])
+    polygons = [p for p in shapes if len(p) >= 6]  # COCO polygons need three points
+    if instance.bbox:
+        x1, y1, x2, y2 = instance.bbox
+        x1, x2 = sorted((x1, x2))
+        y1, y2 = sorted((y1, y2))
+        box = (x1, y1, x2 - x1, y2 - y1)
+    else:
+        box = polygon_bbox(tuple(c for p in shapes for c in p) or (0.0, 0.0))
+    annotation = {"bbox": list(box), "area": box[2] * box[3], "iscrowd": 0}
+    if polygons:
+        annotation["segmentation"] = polygons
+        annotation["area"] = sum(polygon_area(p) for p in polygons)
+    return annotation
+
+
+def _by_image(answers: Iterable[Answer]) -> Iterator[tuple[int, list[Answer]]]:
+    """Consecutive answers of the same image, numbered from 1."""
+    for image_id, (_, group) in enumerate(itertools.groupby(answers, key=lambda a: a.file), start=1):
+        yield image_id, list(group)
+
+
+def write_coco(
+    path: Path,
+    task: Task,
+    answers: Callable[[], Iterable[Answer]],
+    info: dict,
+    categories: list[str] | None = None,
+) -> int:
+    """Write the COCO file of ``task`` atomically from ``answers()``, which yields the task's answers
+    in name order each time it is called (it is read twice, so nothing is held in memory); returns
+    the number of images.
+
+    Categories are the given names in that order, or else every label seen, sorted, so their ids do
+    not depend on the order in which answers arrived. Several answers of one image (one query per
+    class) make one image entry.
+    """
+    if categories is None:
+        categories = sorted({i.category_name for a in answers() for i in a.instances})
+    category_ids = {name: number for number, name in enumerate(categories, start=1)}
+    annotation_id = images = 0
+    with atomic_writer(path) as file:
+        file.write('{"info": ' + json.dumps(info, ensure_ascii=False) + ', "images": [')
+        for images, group in _by_image(answers()):
+            first = group[0]
+            image = {"id": images, "file_name": first.file, "width": first.width, "height": first.height}
+            file.write((", " if images > 1 else "") + json.dumps(image, ensure_ascii=False))
+        file.write('], "annotations": [')
+        for image_id, group in _by_image(answers()):
+            for instance in (i for answer in group for i in answer.instances):
+                if instance.category_name not in category_ids:
+                    continue
+                annotation_id += 1
+                annotation = {
+                    "id": annotation_id,
+                    "image_id": image_id,
+                    "category_id": category_ids[instance.category_name],
+                    **coco_annotation(instance),
+                    "label": instance.label,
+                }
+                if instance.score is not None:
+                    annotation["score"] = instance.score
+                file.write((", " if annotation_id > 1 else "") + json.dumps(annotation, ensure_ascii=False))
+        category_list = [{"id": i, "name": n, "supercategory": task.slug} for n, i in category_ids.items()]
+        file.write('], "categories": ' + json.dumps(category_list, ensure_ascii=False) + "}\n")
+    return images
 
 
 def output_paths(images: Iterable[ImageRecord], folder: str, suffix: str) -> dict[int, str]:

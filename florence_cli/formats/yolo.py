@@ -13,6 +13,7 @@ from .coco import (
     ImageRecord,
     Polygon,
     output_paths,
+    polygon_area,
     polygon_bbox,
 )
 
@@ -29,15 +30,10 @@ def _pixels(points: Sequence[float], image: ImageRecord) -> Polygon:
     return tuple(v * (image.width if i % 2 == 0 else image.height) for i, v in enumerate(points))
 
 
-def _area(polygon: Polygon) -> float:
-    xs, ys = polygon[0::2], polygon[1::2]
-    return abs(sum(xs[i - 1] * ys[i] - xs[i] * ys[i - 1] for i in range(len(xs)))) / 2
-
-
 def _outline(annotation: Annotation) -> Polygon:
     """The annotation's largest polygon (YOLO holds one per object), or its box's corners."""
     if annotation.segmentation:
-        return max(annotation.segmentation, key=_area)
+        return max(annotation.segmentation, key=polygon_area)
     x, y, w, h = annotation.bbox
     return (x, y, x + w, y, x + w, y + h, x, y + h)
 

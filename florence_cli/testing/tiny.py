@@ -9,17 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .postconfig import post_processor_config
-
-# The 1,024 tokens Microsoft's processor adds, in its order: location tokens must sit at the
-# same offsets relative to each other, and ``<image>`` must come after all of them.
-TASK_TOKENS_BEFORE_LOCATIONS = ["<od>", "</od>", "<ocr>", "</ocr>"]
-TASK_TOKENS_AFTER_LOCATIONS = [
-    "<cap>", "</cap>", "<ncap>", "</ncap>", "<dcap>", "</dcap>", "<grounding>", "</grounding>",
-    "<seg>", "</seg>", "<sep>", "<region_cap>", "</region_cap>", "<region_to_desciption>",
-    "</region_to_desciption>", "<proposal>", "</proposal>", "<poly>", "</poly>", "<and>",
-]  # fmt: skip
-IMAGE_TOKEN = "<image>"
+from ..original import IMAGE_TOKEN, microsoft_added_tokens
+from ..postconfig import post_processor_config
 
 # Words the tiny tokenizer learns: the task prompts plus a few labels, some of them non-ASCII
 # so that tests can see the model emit them.
@@ -35,12 +26,6 @@ _CORPUS = [
     "a car a person a dog a cat a traffic light a tree a red house on the street",
     "café naïve straße 東京 😀 señor", "0123456789,.:;!?-",
 ]  # fmt: skip
-
-
-def microsoft_added_tokens() -> list[str]:
-    """The tokens Microsoft's Florence-2 processor adds to BART's vocabulary, in order."""
-    locations = [f"<loc_{i}>" for i in range(1000)]
-    return TASK_TOKENS_BEFORE_LOCATIONS + locations + TASK_TOKENS_AFTER_LOCATIONS
 
 
 def build_tokenizer(vocab_size: int = 400, base_vocab: int | None = None):

@@ -1,0 +1,302 @@
+"""``florence annotate``: flags → a ``RunConfig`` → ``Annotator.run`` (or the Ray engine); domain errors
+→ one-line messages, refused before torch is imported wherever they can be."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from ..discover import printable
+from ..tasks import TaskError
+from .options import Refusal, echo_err, quiet_libraries
+
+
+def _shard(ctx, param, value: str | None):
+    from ..config import Shard
+
+    try:
+        return Shard.parse(value) if value else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _batch_size(ctx, param, value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        size = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a whole number or auto") from None
+    if size < 1:
+        raise click.BadParameter(f"must be at least 1, got {size}")
+    return size
+
+
+def _min_score(ctx, param, value: float | None) -> float | None:
+    if value is not None and math.isnan(value):
+        raise click.BadParameter("must be a number from 0 to 1, got nan")
+    return value
+
+
+def _device(ctx, param, value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise click.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+    return value
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option(
+    "-t", "--task", "tasks", multiple=True, required=True, help="Task to run (repeatable): OD, od or <OD>."
+)
+@click.option(
+    "--text",
+    "texts",
+    multiple=True,
+    metavar="[TASK=]TEXT",
+    help="Text input for the tasks that need one (phrase, expression, or region x1,y1,x2,y2 in bins); "
+    "with several such tasks, one each: --text TASK=TEXT (repeatable).",
+)
+@click.option(
+    "--text-file",
+    type=click.Path(dir_okay=False),
+    help="Per-image text inputs: JSONL {file, text} or CSV file,text (paths relative or absolute).",
+)
+@click.option("--classes", help="OPEN_VOCABULARY_DETECTION: one query per class, e.g. 'car,person'.")
+@click.option(
+    "--ground-from", help="Ground each image's own answer of this caption task, e.g. MORE_DETAILED_CAPTION."
+)
+@click.option(
+    "--region", help="Region tasks: x1,y1,x2,y2 in pixels of each image (instead of bins in --text)."
+)
+@click.option(
+    "--min-score",
+    type=click.FloatRange(0, 1),
+    default=None,
+    callback=_min_score,
+    help="Drop instances scored below this.",
+)
+@click.option("-o", "--output", default="florence-out", show_default=True, type=click.Path(file_okay=False))
+@click.option(
+    "-m",
+    "--model",
+    default=None,
+    help="Hub id or local folder.  [default: mrhendrey/Florence-2-large-ft-safetensors]",
+)
+@click.option(
+    "--device", default="auto", show_default=True, callback=_device, help="auto, cpu, cuda or cuda:N."
+)
+@click.option(
+    "--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto", show_default=True
+)
+@click.option(
+    "-b",
+    "--batch-size",
+    default="8",
+    show_default=True,
+    callback=_batch_size,
+    help="Images per batch, or auto (CUDA: start at 64, halve on out-of-memory).",
+)
+@click.option("--num-beams", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option(
+    "--no-repeat-ngram-size",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Override the checkpoint's no_repeat_ngram_size (original checkpoints: 3).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Decode processes (default: CPUs - 1 with CUDA, none on CPU; 0: none).",
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Start over instead of resuming earlier work in the output folder."
+)
+@click.option(
+    "--jsonl", default=None, help="Also write one JSON object per image and task to PATH (- for stdout)."
+)
+@click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (they can run code).")
+@click.option(
+    "--batched-products",
+    is_flag=True,
+    help="Batch the model's matrix products and attention across images: faster, mostly on GPUs, but a "
+    "near tie may then be decided otherwise than by the one-image reference (see README).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@click.option(
+    "--shard",
+    metavar="I/N",
+    callback=_shard,
+    help="Annotate only shard I of N (0-based), e.g. 3/8; see florence merge.",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Run the model in this process, or on Ray (every GPU of this machine or of a cluster).",
+)
+@click.option(
+    "--ray-address",
+    metavar="ADDRESS",
+    help="--engine ray: join this cluster (auto or HOST:PORT), not a local Ray.",
+)
+@click.option(
+    "--gpu-workers", type=click.IntRange(min=1), help="--engine ray: model replicas (default: one per GPU)."
+)
+@click.option(
+    "--decode-cpus",
+    type=click.IntRange(min=1),
+    help="--engine ray: decode tasks at once (default: spare CPUs).",
+)
+def annotate(inputs: tuple[str, ...], **flags) -> None:
+    """Annotate images (files, folders, or - for paths on stdin) with Florence-2 tasks.
+
+    Exit status: 0 all done; 1 some images failed; 2 refused before any image was read (usage,
+    missing input or model, a checkpoint that is not Florence-2 or is broken, an output folder that
+    cannot be used); 3 the output folder could not be written mid-run; 130 Ctrl-C; 141 standard output
+    closed; 143 SIGTERM.
+    """
+    from ..interrupts import Interrupted, interruptible
+
+    try:
+        with interruptible():
+            summary = _annotate(inputs, flags)
+    except Interrupted as exc:  # before any image was read: nothing to finish
+        echo_err("interrupted before any image was read")
+        sys.exit(128 + exc.signum)
+    if summary.stopped_by == signal.SIGPIPE:
+        _silence_stdout()
+    if summary.output_error or (summary.stopped_by and summary.stopped_by != signal.SIGPIPE):
+        echo_err(summary.line())  # how far it got is worth saying even with -q
+    elif not flags["quiet"]:
+        echo_err(summary.line())
+    if summary.damaged_journal_lines:
+        echo_err(
+            f"note: skipped {summary.damaged_journal_lines} damaged line(s) of the journal; "
+            "the answers on them are done again"
+        )
+    sys.exit(summary.exit_code)
+
+
+def _annotate(inputs: tuple[str, ...], flags: dict):
+    """Everything that can be refused is refused before torch is imported; then the model loads."""
+    from ..checkpoint import ModelLoadError, checkpoint_layout, locate_model
+    from ..jobs import parse_requests, split_texts
+    from ..outdir import OutputError, OutputFolder
+
+    try:
+        requests = parse_requests(
+            list(flags["tasks"]), split_texts(list(flags["texts"])), flags["text_file"], flags["classes"],
+            flags["ground_from"], flags["region"],
+        )  # fmt: skip
+    except TaskError as exc:
+        raise click.UsageError(str(exc)) from None
+    _check_engine_flags(flags)
+    stdin_lines = _stdin_lines(inputs)
+    config = _config(flags)
+    try:
+        checkpoint_layout(locate_model(config.model.name, config.model.allow_pickle))
+        output = OutputFolder(config.output, config.settings(), config.overwrite)
+    except (ModelLoadError, OutputError) as exc:
+        raise Refusal(str(exc)) from None
+    quiet_libraries(flags["quiet"])
+
+    def report(failure) -> None:
+        where = f"{printable(failure.name)} [{failure.task}]" if failure.task else printable(failure.name)
+        echo_err(f"error: {where}: {printable(failure.reason)}")
+
+    try:
+        if flags["engine"] == "ray":
+            return _run_on_ray(inputs, flags, requests, config, output, stdin_lines, report)
+        from ..annotate import Annotator
+
+        annotator = Annotator.from_config(config)
+        annotator.model.check_limits(requests, config.generation.max_new_tokens)
+        workers = config.decode_workers(annotator.model.device.type)
+        return annotator.run(
+            inputs, output, requests, workers=workers, stdin_lines=stdin_lines, on_error=report,
+            jsonl=config.jsonl, progress=config.progress, shard=config.shard,
+        )  # fmt: skip
+    except ModelLoadError as exc:
+        output.close()
+        raise Refusal(str(exc)) from None
+    except TaskError as exc:
+        output.close()
+        raise click.UsageError(str(exc)) from None
+
+
+def _config(flags: dict):
+    """The run the flags ask for."""
+    from ..config import DEFAULT_MODEL, GenerationSettings, ModelConfig, RunConfig
+
+    model = ModelConfig(
+        name=flags["model"] or DEFAULT_MODEL, device=flags["device"], dtype=flags["dtype"],
+        allow_pickle=flags["allow_pickle"], exact=not flags["batched_products"],
+    )  # fmt: skip
+    generation = GenerationSettings(
+        num_beams=flags["num_beams"], max_new_tokens=flags["max_new_tokens"],
+        no_repeat_ngram_size=flags["no_repeat_ngram_size"],
+    )  # fmt: skip
+    return RunConfig(
+        model=model, output=Path(flags["output"]), batch_size=flags["batch_size"], generation=generation,
+        min_score=flags["min_score"], workers=flags["workers"], overwrite=flags["overwrite"],
+        jsonl=flags["jsonl"], progress=not flags["quiet"], shard=flags["shard"],
+    )  # fmt: skip
+
+
+def _stdin_lines(inputs: tuple[str, ...]):
+    """Paths on standard input for ``-`` (as the file system spells them, bytes that are not UTF-8
+    too); every other input must exist."""
+    for item in inputs:
+        if item != "-" and not os.path.lexists(item):
+            raise click.UsageError(f"{printable(item)}: no such file or folder")
+    if "-" not in inputs:
+        return ()
+    if sys.stdin is None or sys.stdin.closed:
+        raise click.UsageError("- reads image paths from standard input, but standard input is closed")
+    return (os.fsdecode(line) for line in sys.stdin.buffer)
+
+
+def _silence_stdout() -> None:
+    """Standard output's reader is gone: send what Python still flushes at exit nowhere, quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+_RAY_FLAGS = ("ray_address", "gpu_workers", "decode_cpus")
+
+
+def _check_engine_flags(flags: dict) -> None:
+    """Ray's flags need --engine ray; --workers (local decode processes) has no meaning there."""
+    if flags["engine"] == "local":
+        for name in _RAY_FLAGS:
+            if flags[name] is not None:
+                raise click.UsageError(f"--{name.replace('_', '-')} needs --engine ray")
+    elif flags["workers"] is not None:
+        raise click.UsageError("--workers is for --engine local; with --engine ray use --decode-cpus")
+
+
+def _run_on_ray(inputs, flags: dict, requests, config, output, stdin_lines, report):
+    """The same run with the model on Ray workers; a missing Ray is one line and exit status 2."""
+    try:
+        from ..ray_engine import RayEngine, RayEngineError, RayOptions
+    except ImportError as exc:
+        output.close()
+        raise Refusal(f"--engine ray needs Ray Data: pip install 'florence-cli[ray]' ({exc})") from None
+    options = RayOptions(flags["ray_address"], flags["gpu_workers"], flags["decode_cpus"])
+    try:
+        engine = RayEngine(config, options)
+        return engine.run(inputs, output, requests, stdin_lines=stdin_lines, on_error=report)
+    except RayEngineError as exc:
+        output.close()
+        raise Refusal(str(exc)) from None

@@ -1,0 +1,32 @@
+"""What the subcommands share: how a refusal ends them, and keeping libraries' chatter off stderr."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+class Refusal(click.ClickException):
+    """A refusal before any work is done (e.g. a model that cannot be loaded): one line, exit status 2."""
+
+    exit_code = 2
+
+
+def quiet_libraries(quiet: bool) -> None:
+    """Keep transformers' per-load progress bars and advice off stderr; stderr is for our progress."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
+def echo_err(message: str) -> None:
+    """One line on stderr, above a progress bar if one is showing."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
