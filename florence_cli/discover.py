@@ -36,10 +36,9 @@ class InputError:
 
 @dataclass(frozen=True)
 class Duplicate:
-    """A file already found under another name: it is annotated once, under the first."""
+    """A file already found (under this name or another): it is annotated once, under the first."""
 
     path: str
-    first: str  # the name it was first found under
 
 
 def name_order(name: str) -> tuple[str, ...]:
@@ -83,20 +82,20 @@ class _Seen:
 
     def __init__(self):
         self.folders: set[tuple[int, int]] = set()
-        self.files: dict[bytes, str] = {}  # real path -> the name it was first found under
+        self.files: set[bytes] = set()  # real paths
         self.names: set[bytes] = set()
 
     def claim(self, path: str, name: str, real: str) -> ImageRef | InputError | Duplicate:
         file = _digest(os.fsencode(real))
         if file in self.files:
-            return Duplicate(printable(path), self.files[file])
+            return Duplicate(printable(path))
         try:
             digest = _digest(name.encode("utf-8"))
         except UnicodeEncodeError:
             return InputError(printable(path), "file name is not valid UTF-8; rename it to annotate it")
         if digest in self.names:
             return InputError(printable(path), f"its output name {name!r} is taken by another file")
-        self.files[file] = name
+        self.files.add(file)
         self.names.add(digest)
         return ImageRef(path=path, name=name, order=name_order(name))
 
