@@ -24,9 +24,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from florence_cli.annotate import Annotator
+from florence_cli.config import ModelConfig, RunConfig
 from florence_cli.decode import ResizeSpec
+from florence_cli.engine import LocalEngine
+from florence_cli.jobs import parse_requests
 from florence_cli.parse import parse_answer
+from florence_cli.runner import run
 
 
 def rss_mb() -> float:
@@ -36,19 +39,13 @@ def rss_mb() -> float:
     return float("nan")
 
 
-class FixedAnswers(Annotator):
-    """The real driver and engine with a model that always answers the same box."""
+class FixedAnswers:
+    """A batch answerer whose model always answers the same box."""
 
-    def __init__(self, batch_size: int):
-        self.model = type("NoModel", (), {"resize_spec": ResizeSpec(size=(64, 64))})()
-        self.model_name, self.batch_size, self.min_score = "fixed-answers", batch_size, None
-        self.generation = None
-        self.banned_phrases = frozenset()
+    resize_spec = ResizeSpec(size=(64, 64))
+    batch_size = 16
 
-    def settings(self, shard=None) -> dict:
-        return {"model": self.model_name}
-
-    def answer_batch(self, images):
+    def answer_safely(self, images):
         raw = "</s><s>car<loc_100><loc_200><loc_300><loc_400></s>"
         return [[parse_answer(job.task, raw, i.width, i.height) for job in i.ref.jobs] for i in images]
 
@@ -79,7 +76,8 @@ def main() -> None:
     threading.Thread(target=sample, daemon=True).start()
     started = time.perf_counter()
     before = rss_mb()
-    summary = FixedAnswers(batch_size=16).run([str(folder)], scratch / "out", ["OD"], workers=args.workers)
+    config = RunConfig(ModelConfig("fixed-answers"), output=scratch / "out")
+    summary = run([str(folder)], parse_requests(["OD"]), config, LocalEngine(FixedAnswers, args.workers))
     done.set()
     seconds = time.perf_counter() - started
     coco = json.loads((scratch / "out" / "od.json").read_text())

@@ -164,7 +164,10 @@ class _Run:
         self.summary.failed += 1
         if len(self.summary.failures) < 20:
             self.summary.failures.append(failure)
-        self.folder.log_error(failure.record())
+        try:
+            self.folder.log_error(failure.record())
+        except OSError as exc:
+            raise _OutputStopped(_cannot_write(self.folder.path / "errors.jsonl", exc)) from exc
         if self.on_error:
             self.on_error(failure)
 
