@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+from importlib import import_module
 from pathlib import Path
 
 import click
@@ -200,7 +201,7 @@ def _annotate(inputs: tuple[str, ...], flags: dict):
         )  # fmt: skip
     except TaskError as exc:
         raise click.UsageError(str(exc)) from None
-    _check_engine_flags(flags)
+    _check_engine(flags)
     stdin_lines = _stdin_lines(inputs)
     config = _config(flags)
     try:
@@ -276,23 +277,26 @@ def _silence_stdout() -> None:
 _RAY_FLAGS = ("ray_address", "gpu_workers", "decode_cpus")
 
 
-def _check_engine_flags(flags: dict) -> None:
-    """Ray's flags need --engine ray; --workers (local decode processes) has no meaning there."""
+def _check_engine(flags: dict) -> None:
+    """Ray's flags need --engine ray, and --engine ray needs Ray (one line and exit status 2, before the
+    output folder is touched); --workers (local decode processes) has no meaning there."""
     if flags["engine"] == "local":
         for name in _RAY_FLAGS:
             if flags[name] is not None:
                 raise click.UsageError(f"--{name.replace('_', '-')} needs --engine ray")
-    elif flags["workers"] is not None:
+        return
+    if flags["workers"] is not None:
         raise click.UsageError("--workers is for --engine local; with --engine ray use --decode-cpus")
+    try:
+        import_module("..ray_engine", __package__)
+    except ImportError as exc:
+        raise Refusal(f"--engine ray needs Ray Data: pip install 'florence-cli[ray]' ({exc})") from None
 
 
 def _run_on_ray(inputs, flags: dict, requests, config, output, stdin_lines, report):
-    """The same run with the model on Ray workers; a missing Ray is one line and exit status 2."""
-    try:
-        from ..ray_engine import RayEngine, RayEngineError, RayOptions
-    except ImportError as exc:
-        output.close()
-        raise Refusal(f"--engine ray needs Ray Data: pip install 'florence-cli[ray]' ({exc})") from None
+    """The same run with the model on Ray workers."""
+    from ..ray_engine import RayEngine, RayEngineError, RayOptions
+
     options = RayOptions(flags["ray_address"], flags["gpu_workers"], flags["decode_cpus"])
     try:
         engine = RayEngine(config, options)
