@@ -10,6 +10,7 @@ keeps loaders off stdout and stdin. Neither torch nor transformers is imported h
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import re
@@ -47,9 +48,11 @@ class ModelLoadError(Exception):
     """A model that cannot be found or loaded; the message is one line for the user."""
 
 
+@functools.lru_cache(maxsize=8)
 def locate_model(model: str, allow_pickle: bool = False) -> Path:
     """The local folder holding ``model``: the folder itself, or its Hub snapshot (cache and
-    ``HF_HUB_OFFLINE`` respected). A string that looks like a path is never looked up on the Hub."""
+    ``HF_HUB_OFFLINE`` respected). A string that looks like a path is never looked up on the Hub.
+    Remembered per process: the CLI judges a model before loading it, and the Hub is asked once."""
     path = Path(model).expanduser()
     if model and path.exists():
         if not path.is_dir():

@@ -239,9 +239,7 @@ class _Run:
         if self.sink:
             try:
                 self.sink.write(answer.public() for answer in journaled)
-            except StdoutClosed:
-                raise
-            except OSError as exc:
+            except OSError as exc:  # (a closed stdout is StdoutClosed, no OSError: it ends the run quietly)
                 raise _OutputStopped(_cannot_write(self.sink.target, exc)) from exc
 
     def close(self) -> None:

@@ -113,7 +113,7 @@ def region_text(text: str) -> str:
     return "".join(f"<loc_{b}>" for b in bins)
 
 
-_LOCATION_REGION = re.compile(r"(?:<loc_(\d{1,3})>){4}")
+_LOCATION_REGION = re.compile(r"(?:<loc_\d{1,3}>){4}")
 
 
 def task_prompt(task: Task, text: str | None) -> str:
