@@ -121,8 +121,9 @@ class Annotator:
 
         ``tasks`` are names (with ``text`` for those that need it) or ready ``TaskRequest``s;
         ``options``: ``stdin_lines``, ``on_error``, and ``RunConfig``'s ``overwrite``, ``jsonl``,
-        ``progress`` and ``shard`` (which keeps only its share of the images; ``florence merge``
-        combines the shards' folders). ``output`` may be a folder already opened with
+        ``progress``, ``shard`` (which keeps only its share of the images; ``florence merge``
+        combines the shards' folders) and ``captions`` (``CaptionOptions``: sidecar caption files,
+        ``metadata.jsonl``). ``output`` may be a folder already opened with
         ``OutputFolder(path, annotator.settings(shard))``.
         """
         engine = engine or LocalEngine(lambda: self.answerer, workers)

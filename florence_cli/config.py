@@ -73,6 +73,29 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class CaptionOptions:
+    """Caption files for training sets (``captions``): sidecars and Hugging Face's ``metadata.jsonl``."""
+
+    sidecar: bool = False  # a caption file beside each image
+    sidecar_dir: Path | None = None  # ... or at the image's output name under this folder
+    extension: str = ".txt"
+    naming: str = "stem"  # "stem": a.jpg -> a.txt; "full": a.jpg -> a.jpg.txt
+    task: str | None = None  # the text task the captions come from (None: the only one)
+    prefix: str = ""  # trigger words before the caption (caption files only; not the journal)
+    suffix: str = ""
+    overwrite: bool = False  # replace caption files florence-cli did not write, or that were edited
+    hf_metadata: bool = False  # metadata.jsonl in the input folder
+
+    @property
+    def sidecars(self) -> bool:
+        return self.sidecar or self.sidecar_dir is not None
+
+    @property
+    def enabled(self) -> bool:
+        return self.sidecars or self.hf_metadata
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A run: its model, how it answers (batch size, generation, score floor) and how it writes."""
 
@@ -86,6 +109,7 @@ class RunConfig:
     jsonl: str | None = None  # also stream answers here ("-": standard output)
     progress: bool = False
     shard: Shard | None = None
+    captions: CaptionOptions = field(default_factory=CaptionOptions)
 
     def settings(self) -> dict:
         """What the output folder's answers depend on besides the inputs and tasks (it refuses others)."""

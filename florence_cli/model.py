@@ -188,8 +188,9 @@ class FlorenceModel:
                 f"--max-new-tokens {max_new_tokens} is more than this model generates ({self.positions})"
             )
         for request in requests:
-            texts = request.classes or ([request.text] if request.text is not None else [])
-            for text in texts:
+            for text in request.classes or [request.text]:
+                if text is None and request.task.needs_text:
+                    continue  # given per image: checked as each image's prompt is built
                 try:
                     self.prompt_ids(task_prompt(request.task, text))
                 except ValueError as exc:
