@@ -67,7 +67,16 @@ class Reference:
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.model = Florence2ForConditionalGeneration.from_pretrained(model_dir).eval()
 
-    def run(self, image: Image.Image, prompt: str, max_new_tokens: int = MAX_NEW_TOKENS, num_beams: int = 3):
+    def run(
+        self,
+        image: Image.Image,
+        prompt: str,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        num_beams: int = 3,
+        task: str | None = None,
+    ):
+        """``task``: what post-processing is told (default: the prompt's task token; a free prompt's own
+        text, as a user of a fine-tune passes it)."""
         import torch
 
         inputs = self.processor(text=prompt, images=image, return_tensors="pt")
@@ -76,7 +85,7 @@ class Reference:
                 **inputs, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False
             )
         raw = self.processor.batch_decode(ids, skip_special_tokens=False)[0]
-        task = prompt[: prompt.index(">") + 1]
+        task = task or prompt[: prompt.index(">") + 1]
         return raw, self.processor.post_process_generation(raw, task=task, image_size=image.size)[task]
 
 
