@@ -173,7 +173,8 @@ class CaptionFiles:
         path = _key(target)
         entry = _entry_digest(path, sha256)
         if entry not in self._written:
-            self._ledger.write(json.dumps({"path": path, "sha256": sha256}, ensure_ascii=False) + "\n")
+            # ASCII escapes: a path that is not UTF-8 (surrogates) still makes a line
+            self._ledger.write(json.dumps({"path": path, "sha256": sha256}) + "\n")
             self._ledger.flush()
             self._written.add(entry)
 
