@@ -145,7 +145,8 @@ def eval_command(
 @click.option(
     "--image-root",
     default=None,
-    help="Prefix for image references: Label Studio data.image, VOC <path> (e.g. /data/local-files/?d=).",
+    help="Prefix for image references (e.g. /data/local-files/?d=): Label Studio data.image, "
+    "before the URL-encoded file name; VOC <path>.",
 )
 def export(coco_json: Path, to: str, output: Path, image_root: str | None) -> None:
     """Convert COCO_JSON to YOLO labels + data.yaml, Label Studio tasks.json, or Pascal VOC XML."""
