@@ -47,6 +47,7 @@ class RunSummary:
     failures: list[ImageFailure] = field(default_factory=list)  # the first few, for display
     stopped_by: int | None = None  # the signal that stopped the run (SIGPIPE: standard output closed)
     output_error: str | None = None  # why the output folder could not be written
+    products: str | None = None  # how the model's products met the batch (config.PRODUCTS)
 
     @property
     def images_per_second(self) -> float:
@@ -70,10 +71,11 @@ class RunSummary:
         if self.stopped_by:
             return f"interrupted: {done}; run the same command to finish"
         duplicates = f", {self.duplicates} found twice (annotated once)" if self.duplicates else ""
+        products = f", {self.products} products" if self.products else ""
         return (
             f"{self.images} images: {self.annotated} annotated, {self.skipped} already done, "
             f"{self.failed} failed{duplicates}, {self.answers} answers in {self.seconds:.1f} s "
-            f"({self.images_per_second:.2f} images/s)"
+            f"({self.images_per_second:.2f} images/s{products})"
         )
 
 
@@ -130,7 +132,9 @@ class _Run:
         self.folder = folder
         self.config = config
         self.on_error = on_error
-        self.summary = RunSummary(damaged_journal_lines=folder.journal.damaged_lines)
+        self.summary = RunSummary(
+            damaged_journal_lines=folder.journal.damaged_lines, products=config.model.products
+        )
         self.sink = JsonlSink(config.jsonl) if config.jsonl else None
         self.bar = _progress_bar(config.progress)
 
