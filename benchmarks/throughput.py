@@ -178,7 +178,7 @@ def variants(args, tasks: list[str], model: FlorenceModel, generation: Generatio
 
     plain, processor_pixels = like(compact_beams=False), like(fast_pixels=False)
     found += [
-        Variant("batched products", [(like(reference_shapes=False), tasks, args.workers)], generation),
+        Variant("batched products", [(like(products="batched"), tasks, args.workers)], generation),
         Variant("no beam compaction", [(plain, tasks, args.workers)], generation),
         Variant(
             "decode in main process" if args.workers else "1 decode process",

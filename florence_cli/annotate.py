@@ -40,21 +40,23 @@ class Annotator:
         generation: GenerationSettings | None = None,
         allow_pickle: bool = False,
         min_score: float | None = None,
-        exact: bool = True,
+        products: str = "auto",
     ):
-        """``exact`` off batches the model's matrix products and attention across images (faster,
-        mostly on GPUs; a near tie may then be decided otherwise than by the one-image reference).
-        It applies to a model loaded here; a ``FlorenceModel`` given keeps its own setting."""
+        """``products``: how the model's matrix products and attention meet the batch (auto, per-image,
+        invariant, batched; see ``config.PRODUCTS``). It applies to a model loaded here; a
+        ``FlorenceModel`` given keeps its own."""
         loaded = model if isinstance(model, FlorenceModel) else None
         model_config = ModelConfig(
             "in-memory model" if loaded else model, device, dtype, allow_pickle,
-            loaded.reference_shapes if loaded else exact,
+            loaded.products if loaded else products,
         )  # fmt: skip
-        self.config = RunConfig(
+        config = RunConfig(
             model_config, batch_size=batch_size, generation=generation or GenerationSettings(),
             min_score=min_score,
         )  # fmt: skip
-        self.answerer = BatchAnswerer(loaded, self.config) if loaded else AnswererBuilder(self.config)()
+        self.answerer = BatchAnswerer(loaded, config) if loaded else AnswererBuilder(config)()
+        # The mode auto came to on the model's device: what a run's summary names.
+        self.config = replace(config, model=replace(model_config, products=self.model.products))
 
     @classmethod
     def from_config(cls, config: RunConfig) -> Annotator:
@@ -63,7 +65,7 @@ class Annotator:
         return cls(
             model.name, device=model.device, dtype=model.dtype, batch_size=config.batch_size,
             generation=config.generation, allow_pickle=model.allow_pickle, min_score=config.min_score,
-            exact=model.exact,
+            products=model.products,
         )  # fmt: skip
 
     @property

@@ -101,7 +101,7 @@ class AnswererBuilder:
 
         model = self.config.model
         loaded = FlorenceModel.load(
-            model.name, device or model.device, model.dtype, model.allow_pickle, reference_shapes=model.exact
+            model.name, device or model.device, model.dtype, model.allow_pickle, products=model.products
         )
         return BatchAnswerer(loaded, self.config)
 

@@ -16,6 +16,11 @@ from pathlib import Path
 DEFAULT_MODEL = "mrhendrey/Florence-2-large-ft-safetensors"
 AUTO_CUDA_BATCH = 64  # --batch-size auto starts here on CUDA, halving on out-of-memory
 AUTO_CPU_BATCH = 8
+# How the language model's matrix products and attention meet the batch (see README, "Products"):
+# per-image: in the one-image reference's shapes (bit-identical to it on CPU); invariant: batched, in
+# kernels whose rounding ignores the batch (CUDA); batched: stock batched kernels (fastest; a near tie
+# may go another way with other images beside it); auto: the device's default (``products_on``).
+PRODUCTS = ("auto", "per-image", "invariant", "batched")
 
 
 @dataclass(frozen=True)
@@ -62,14 +67,27 @@ class Shard:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which checkpoint, where, in which precision, and whether its kernels run in the reference's
-    per-image shapes (``exact``; off batches them: faster, but a near tie may go another way)."""
+    """Which checkpoint, where, in which precision, and how its products meet the batch (``PRODUCTS``)."""
 
     name: str = DEFAULT_MODEL  # a Hub id or a local folder
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32
     allow_pickle: bool = False
-    exact: bool = True
+    products: str = "auto"
+
+    def products_on(self, device_type: str) -> str:
+        """``products`` on a device of this type, ``auto`` resolved."""
+        return resolve_products(self.products, device_type)
+
+
+def resolve_products(products: str, device_type: str) -> str:
+    """``auto`` is per-image on CPU (bit-identical to the reference there) and invariant on CUDA (batched,
+    answers still independent of the batch); an unknown mode is a ``ValueError``."""
+    if products not in PRODUCTS:
+        raise ValueError(f"unknown products {products!r} (use {', '.join(PRODUCTS)})")
+    if products != "auto":
+        return products
+    return "invariant" if device_type == "cuda" else "per-image"
 
 
 @dataclass(frozen=True)
@@ -116,7 +134,10 @@ class RunConfig:
         settings = {
             "model": self.model.name, "generation": self.generation.kwargs(), "min_score": self.min_score,
         }  # fmt: skip
-        if not self.model.exact:
+        # Answers independent of the batch (per-image, invariant) differ between those modes only in
+        # rounding, as between devices and dtypes, which a folder does not record either; batch-dependent
+        # answers are kept apart ("exact": false, as folders made before the modes had it).
+        if self.model.products == "batched":
             settings["exact"] = False
         return {**settings, "shard": str(self.shard)} if self.shard else settings
 

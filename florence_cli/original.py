@@ -41,6 +41,7 @@ def microsoft_added_tokens() -> list[str]:
     locations = [f"<loc_{i}>" for i in range(1000)]
     return TASK_TOKENS_BEFORE_LOCATIONS + locations + TASK_TOKENS_AFTER_LOCATIONS
 
+
 # Microsoft's remote code generates through its language model, whose generation settings come from
 # text_config; transformers 5's BartConfig drops most of them, so they are carried over by hand.
 GENERATION_FIELDS = (

@@ -50,6 +50,7 @@ class RunSummary:
     output_error: str | None = None  # why the output folder could not be written
     captions_kept: int = 0  # caption files not florence-cli's (or edited since), left as they were
     kept_captions: list[str] = field(default_factory=list)  # the first few, for display
+    products: str | None = None  # how the model's products met the batch (config.PRODUCTS)
 
     @property
     def images_per_second(self) -> float:
@@ -78,10 +79,11 @@ class RunSummary:
             "edited since; --overwrite-captions replaces them)"
             if self.captions_kept else ""
         )  # fmt: skip
+        products = f", {self.products} products" if self.products else ""
         return (
             f"{self.images} images: {self.annotated} annotated, {self.skipped} already done, "
             f"{self.failed} failed{duplicates}, {self.answers} answers in {self.seconds:.1f} s "
-            f"({self.images_per_second:.2f} images/s){kept}"
+            f"({self.images_per_second:.2f} images/s{products}){kept}"
         )
 
 
@@ -169,7 +171,9 @@ class _Run:
         self.folder = folder
         self.config = config
         self.on_error = on_error
-        self.summary = RunSummary(damaged_journal_lines=folder.journal.damaged_lines)
+        self.summary = RunSummary(
+            damaged_journal_lines=folder.journal.damaged_lines, products=config.model.products
+        )
         self.sink = JsonlSink(config.jsonl) if config.jsonl else None
         self.bar = _progress_bar(config.progress)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,14 @@ import pytest
 from PIL import Image
 
 from florence_cli.testing.tiny import make_tiny_model
+
+
+def pytest_configure(config):
+    # Triton's kernels run on CPU tensors under its interpreter, and whether a kernel is interpreted is
+    # fixed when it is defined: the invariant kernels' tests need this before any test module imports
+    # triton (loading a transformers model does). Nothing else here runs Triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 # Short generations keep the suite fast; equality with the reference does not depend on length.
 MAX_NEW_TOKENS = 24

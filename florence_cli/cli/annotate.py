@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from ..config import PRODUCTS
 from ..discover import printable
 from ..tasks import TaskError
 from .options import Refusal, echo_err, quiet_libraries
@@ -133,11 +134,16 @@ def _device(ctx, param, value: str) -> str:
 )
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (they can run code).")
 @click.option(
-    "--batched-products",
-    is_flag=True,
-    help="Batch the model's matrix products and attention across images: faster, mostly on GPUs, but a "
-    "near tie may then be decided otherwise than by the one-image reference (see README).",
+    "--products",
+    type=click.Choice(PRODUCTS),
+    default="auto",
+    show_default=True,
+    help="How the model's matrix products and attention meet the batch: per-image (bit-identical to the "
+    "one-image reference), invariant (batched; answers independent of the batch; CUDA), batched "
+    "(fastest; a near tie may depend on the images beside it); auto: per-image on CPU, invariant on "
+    "CUDA (see README).",
 )
+@click.option("--batched-products", is_flag=True, help="Short for --products batched.")
 @click.option(
     "--sidecar", is_flag=True, help="Write each image's caption beside it: imgs/a.jpg -> imgs/a.txt."
 )
@@ -283,9 +289,14 @@ def _config(flags: dict):
     """The run the flags ask for."""
     from ..config import DEFAULT_MODEL, GenerationSettings, ModelConfig, RunConfig
 
+    products = flags["products"]
+    if flags["batched_products"]:
+        if products not in ("auto", "batched"):
+            raise click.UsageError(f"--batched-products contradicts --products {products}")
+        products = "batched"
     model = ModelConfig(
         name=flags["model"] or DEFAULT_MODEL, device=flags["device"], dtype=flags["dtype"],
-        allow_pickle=flags["allow_pickle"], exact=not flags["batched_products"],
+        allow_pickle=flags["allow_pickle"], products=products,
     )  # fmt: skip
     generation = GenerationSettings(
         num_beams=flags["num_beams"], max_new_tokens=flags["max_new_tokens"],
