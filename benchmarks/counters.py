@@ -265,8 +265,8 @@ def format_table(rows: list[dict]) -> list[str]:
     batched = {r["batch"]: r["cost"] for r in rows if r["mode"] == "batched" and "cost" in r}
     reference = next((r["cost"] for r in rows if r["mode"] == "reference" and "cost" in r), None)
     lines = [
-        "| mode | batch | operators | of which kernels | weight MB | operators ÷ batched | weight ÷ batched "
-        "| reference ÷ operators | reference ÷ weight |",
+        "| mode | batch | operators | of which kernels | weight MB | operators vs batched "
+        "| weight vs batched | reference ÷ this, operators | reference ÷ this, weight |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     shown_reference = False

@@ -144,8 +144,9 @@ def check_mode(args, model: FlorenceModel, mode: str, scratch: Path, tasks, gene
         variant, scratch / "images", scratch / f"out-{mode}", tasks, args.batch_size, generation, workers
     )
     figures = end_phase(model.device, started)
-    if len(answers) < args.images * len(tasks):  # failed answers: the figures would mean nothing
-        sys.exit(f"{mode}: {args.images * len(tasks) - len(answers)} answers failed (see {scratch}/out-{mode})")
+    failed = args.images * len(tasks) - len(answers)
+    if failed:  # the figures would mean nothing
+        sys.exit(f"{mode}: {failed} answers failed (see {scratch}/out-{mode}/errors.jsonl)")
     figures["images_per_s"] = args.images / figures["seconds"]
     figures["ratio"] = figures["images_per_s"] / reference["images_per_s"]
     expected = reference["answers"]
