@@ -147,7 +147,9 @@ class FlorenceModel:
             batch = batch.pin_memory()
         batch = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).long()  # B, 3, H, W
         channels = torch.arange(3, device=self.device).view(1, 3, 1, 1)
-        return self._pixel_lut[channels, batch].to(self.dtype)
+        # In the processor's layout (B, 3, H, W contiguous), not the channels-last one the lookup gives:
+        # convolutions pick their kernel by layout, and in fp16 a channels-last batch rounded otherwise.
+        return self._pixel_lut[channels, batch].to(self.dtype).contiguous()
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected image features (B, image tokens, d_model) — the same call the model makes.

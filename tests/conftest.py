@@ -70,11 +70,11 @@ class Reference:
     """The plain transformers loop the product must equal: one image at a time, processor →
     ``generate`` → ``batch_decode`` → ``post_process_generation``."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, dtype=None):
         from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
         self.processor = AutoProcessor.from_pretrained(model_dir)
-        self.model = Florence2ForConditionalGeneration.from_pretrained(model_dir).eval()
+        self.model = Florence2ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
 
     def run(
         self,
@@ -88,7 +88,7 @@ class Reference:
         text, as a user of a fine-tune passes it)."""
         import torch
 
-        inputs = self.processor(text=prompt, images=image, return_tensors="pt")
+        inputs = self.processor(text=prompt, images=image, return_tensors="pt").to(self.model.dtype)
         with torch.inference_mode():
             ids = self.model.generate(
                 **inputs, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False
