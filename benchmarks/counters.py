@@ -24,10 +24,11 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import inspect
+import os
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -157,26 +158,30 @@ def invariant_module():
 
 
 def plain_equivalents() -> dict:
-    """The stand-ins the counter computes ``florence_cli::`` operators with (none without the module)."""
-    try:
-        return dict(getattr(invariant_module(), "PLAIN_EQUIVALENTS", {}))
-    except Unavailable:
-        return {}
+    """The plain-torch stand-ins the counter computes ``florence_cli::`` operators with: the same
+    shapes and dtypes as the batch-invariant kernels (the counts, not the bits, matter)."""
+
+    def attention(query, key, value, mask, scale, causal):
+        mask = mask if mask is None or mask.dtype == torch.bool else mask.to(query.dtype)
+        out = functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=scale, is_causal=causal and mask is None
+        )
+        return out.transpose(1, 2).contiguous()  # (batch, queries, heads, head dim), as the kernel
+
+    return {"florence_cli::bi_linear": functional.linear, "florence_cli::bi_attention": attention}
 
 
 def products_model(model: FlorenceModel, products: str) -> FlorenceModel:
     """The same loaded model computing its products ``per-image``, ``invariant`` or ``batched``."""
     if products == "invariant":
+        # The kernels are counted, never run (stand-ins compute them): on a CPU the model takes them
+        # only under Triton's interpreter, which must be named before the module is imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
         invariant_module()
-    kept = {"compact_beams": model.compact_beams}
-    if "products" in inspect.signature(FlorenceModel).parameters:
-        return FlorenceModel(
-            model.model, model.processor, model.device, model.dtype, products=products, **kept
-        )
-    if products == "invariant":
-        raise Unavailable("FlorenceModel has no products setting")
-    return FlorenceModel(model.model, model.processor, model.device, model.dtype,
-                         reference_shapes=products == "per-image", **kept)  # fmt: skip
+    return FlorenceModel(
+        model.model, model.processor, model.device, model.dtype, products=products,
+        compact_beams=model.compact_beams,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -240,11 +245,13 @@ def reference_cost(model: FlorenceModel, prompt: str, generation: dict, images: 
     return counter.steady_step()
 
 
-def cost_table(model: FlorenceModel, batches: list[int], prompt: str, generation: dict) -> list[dict]:
+def cost_table(
+    model: FlorenceModel, batches: list[int], prompt: str, generation: dict, modes: tuple[str, ...] = MODES
+) -> list[dict]:
     """One row per mode and batch size: ``cost`` per generated token per image, or ``missing`` (why)."""
     rows, reference = [], None
     for batch in batches:
-        for mode in MODES:
+        for mode in modes:
             row = {"mode": mode, "batch": 1 if mode == "reference" else batch}
             if mode == "reference" and reference is not None:
                 row["cost"] = reference  # one image at a time whatever the batch: counted once

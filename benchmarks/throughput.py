@@ -51,7 +51,7 @@ from PIL import Image, ImageOps
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # benchmarks/counters.py, beside this script
-from counters import cost_table, format_table, pinned_generation
+from counters import MODES, cost_table, format_table, pinned_generation
 
 from florence_cli.annotate import Annotator, GenerationSettings
 from florence_cli.config import default_workers
@@ -240,7 +240,8 @@ def print_counters(args, model: FlorenceModel, task: str) -> None:
           f"step's cross-attention keys/values left out), counted over {args.counter_tokens} pinned "
           f"tokens, {model.dtype} weights", flush=True)  # fmt: skip
     generation = pinned_generation(args.counter_tokens, args.num_beams)
-    rows = cost_table(model, batches, resolve_task(task).token, generation)
+    modes = tuple(args.counter_modes.split(","))
+    rows = cost_table(model, batches, resolve_task(task).token, generation, modes)
     print("\n".join(format_table(rows)), flush=True)
 
 
@@ -308,6 +309,9 @@ def main() -> None:
         help="also count operators and weight bytes per image-token at these batch sizes",
     )
     parser.add_argument("--counter-tokens", type=int, default=5, help="pinned tokens to count over (>= 3)")
+    parser.add_argument(
+        "--counter-modes", default=",".join(MODES), help="comma-separated, of " + ",".join(MODES)
+    )
     args = parser.parse_args()
 
     torch.manual_seed(0)
