@@ -87,6 +87,35 @@ def test_braces_and_globs_expand_without_a_shell(shards):
     assert [type(r).__name__ for r in discover(["shards/00000.tar", "shards/*.tar"])].count("Duplicate") == 1
 
 
+def test_headers_are_read_as_tarfile_reads_them_in_every_format(tmp_path):
+    import io
+    import tarfile
+
+    long = "a/" + "long-folder-name/" * 8 + "ünïcode-key.png"  # past ustar's 100 bytes: a prefix, or more
+    for form in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        path = tmp_path / f"{form}.tar"
+        with tarfile.open(path, "w", format=form) as tar:
+            folder = tarfile.TarInfo("folder")
+            folder.type = tarfile.DIRTYPE
+            tar.addfile(folder)
+            for name, data in (("k0.png", b"x" * 700), (long, b"y" * 1024), ("k2.txt", b"")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        with tarfile.open(path) as tar:
+            theirs = [(i.name, i.offset_data, i.size) for i in tar if i.isfile()]
+        assert list(tarshards.members(str(path))) == theirs, form
+        assert theirs[1][0] == long
+    data = bytearray((tmp_path / f"{tarfile.PAX_FORMAT}.tar").read_bytes())
+    data[512 + 10] ^= 1  # k0.png's header (after the folder's)
+    (tmp_path / "damaged.tar").write_bytes(bytes(data))
+    with pytest.raises(tarshards.ShardError, match="a damaged member header at byte 512"):
+        list(tarshards.members(str(tmp_path / "damaged.tar")))
+    (tmp_path / "not-a-tar.tar").write_bytes(b"PK\x03\x04" + bytes(600))
+    with pytest.raises(tarshards.ShardError, match="a damaged member header at byte 0"):
+        list(tarshards.members(str(tmp_path / "not-a-tar.tar")))
+
+
 # -- runs --------------------------------------------------------------------------------------------------
 def test_a_run_on_shards_answers_as_on_the_same_images_as_files(annotator, shards, tmp_path):
     files = tmp_path / "files"
@@ -122,7 +151,7 @@ def test_a_corrupt_member_or_a_cut_tar_fails_only_the_samples_it_holds(annotator
     assert errors == {
         "shards/bad/b1": "not a readable image",
         "shards/cut/k11": f"the tar shard ends inside this image (100 of {size} bytes)",
-        "shards/cut.tar": "cannot read the tar shard past its sample 2: unexpected end of data",
+        "shards/cut.tar": "cannot read the tar shard past its sample 2: truncated inside k11.jpg",
         "shards/cut-at-block.tar": "cannot read the tar shard past its sample 1: truncated: the "
         "end-of-archive block is missing",
     }
@@ -138,15 +167,15 @@ def _member_bytes(tar: Path, key: str) -> bytes:
 
 
 def _opened(monkeypatch) -> list[str]:
-    """The tars discovery opens from now on."""
+    """The tars discovery lists from now on."""
     opened: list[str] = []
-    real_open = tarshards.tarfile.open
+    real_samples = tarshards.samples
 
-    def spy(name, *args, **kwargs):
-        opened.append(str(name))
-        return real_open(name, *args, **kwargs)
+    def spy(tar, shard):
+        opened.append(tar)
+        return real_samples(tar, shard)
 
-    monkeypatch.setattr(tarshards.tarfile, "open", spy)
+    monkeypatch.setattr("florence_cli.discover.samples", spy)
     return opened
 
 
