@@ -199,10 +199,11 @@ def _expand(
 def _shard(path: str, shard: str, seen: _Seen) -> Iterator[ImageRef | InputError | Duplicate | ShardEnd]:
     """A tar shard's samples, then its ``ShardEnd``; not opened when an earlier run finished it."""
     real = os.path.realpath(path)
-    if _digest(os.fsencode(real)) in seen.files:
+    file = _digest(os.fsencode(real))
+    if file in seen.files:
         yield Duplicate(printable(path))
         return
-    seen.files.add(_digest(os.fsencode(real)))
+    seen.files.add(file)
     done = seen.finished(path, shard) if seen.finished else None
     if done is not None:
         yield ShardEnd(path, shard, clean=True, skipped=done)

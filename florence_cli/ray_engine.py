@@ -143,7 +143,10 @@ class BatchSource(ray.data.Datasource):
 def read_groups(rows: list[dict]) -> list[list[dict]]:
     """Consecutive rows whose first image is in the same tar shard, together (one read task reads them,
     in the shard's order); a row of files alone."""
-    shard = lambda row: getattr(row["source"][0], "tar", None) or id(row)  # noqa: E731
+
+    def shard(row: dict) -> object:
+        return getattr(row["source"][0], "tar", None) or id(row)
+
     return [list(group) for _, group in groupby(rows, key=shard)]
 
 
