@@ -4,17 +4,23 @@ Discovery, job planning, the decode worker processes, the journal, the text/JSON
 final COCO rebuild (an on-disk merge sort) all run for real over N files (hard links to one small
 JPEG, so making them is cheap); only the model is replaced by a fixed answer, which keeps the run
 to a minute. Prints the driver's resident memory as the run goes; it should level off, not grow
-with N.
+with N. With ``--shards``, the same images also run as WebDataset tar shards (discovery reads their
+headers, decode workers their members), four runs in all (files, shards, shards, files), and the
+mean throughputs are compared.
 
     python benchmarks/memory.py -n 100000
+    python benchmarks/memory.py -n 100000 --shards 100
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import shutil
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -50,22 +56,38 @@ class FixedAnswers:
         return [[parse_answer(job.task, raw, i.width, i.height) for job in i.ref.jobs] for i in images]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("-n", "--images", type=int, default=100_000)
-    parser.add_argument("--workers", type=int, default=1)
-    args = parser.parse_args()
-    scratch = Path(tempfile.mkdtemp(prefix="florence-memory-"))
+def make_files(scratch: Path, count: int) -> Path:
+    """``count`` JPEG files in folders of 1,000 (hard links to one small JPEG, so making them is cheap)."""
     folder = scratch / "images"
-    for i in range(args.images):
+    for i in range(count):
         source = scratch / f"source{i // 50_000}.jpg"  # a file takes at most 65,000 links
         if not source.exists():
             Image.new("RGB", (96, 64), (120, 30, 200)).save(source)
         target = folder / f"{i // 1000:03d}" / f"{i:07d}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
         os.link(source, target)
+    return folder
+
+
+def make_shards(scratch: Path, count: int, shards: int) -> str:
+    """The same images as WebDataset shards, as img2dataset writes them (jpg, txt and json per sample);
+    returns their brace pattern."""
+    image = (scratch / "source0.jpg").read_bytes()
+    per_shard = -(-count // shards)
+    (scratch / "shards").mkdir()
+    for shard in range(shards):
+        with tarfile.open(scratch / "shards" / f"{shard:05d}.tar", "w") as tar:
+            for i in range(shard * per_shard, min(count, (shard + 1) * per_shard)):
+                for extension, data in (("jpg", image), ("txt", b"a caption"), ("json", b'{"width": 96}')):
+                    info = tarfile.TarInfo(f"{i:09d}.{extension}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(scratch / "shards" / f"{{00000..{shards - 1:05d}}}.tar")
+
+
+def measure(inputs: list[str], out: Path, count: int, workers: int) -> float:
+    """Run the driver over ``inputs``; print its rate, its CPU time (which a busy machine does not
+    inflate as it does the wall time) and its memory as it went; return the rate."""
     samples: list[tuple[float, float]] = []
     done = threading.Event()
 
@@ -74,20 +96,46 @@ def main() -> None:
             samples.append((time.perf_counter(), rss_mb()))
 
     threading.Thread(target=sample, daemon=True).start()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     before = rss_mb()
-    config = RunConfig(ModelConfig("fixed-answers"), output=scratch / "out")
-    summary = run([str(folder)], parse_requests(["OD"]), config, LocalEngine(FixedAnswers, args.workers))
+    config = RunConfig(ModelConfig("fixed-answers"), output=out)
+    summary = run(inputs, parse_requests(["OD"]), config, LocalEngine(FixedAnswers, workers))
     done.set()
-    seconds = time.perf_counter() - started
-    coco = json.loads((scratch / "out" / "od.json").read_text())
-    assert len(coco["images"]) == args.images == summary.annotated, summary.line()
-    rate = args.images / seconds
-    print(f"{args.images} images in {seconds:.0f} s ({rate:.0f} images/s); driver RSS before {before:.0f} MB")
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    coco = json.loads((out / "od.json").read_text())
+    assert len(coco["images"]) == count == summary.annotated, summary.line()
+    rate = count / seconds
+    print(f"{inputs[0]}: {count} images in {seconds:.0f} s ({rate:.0f} images/s)")
+    print(f"  driver CPU: {cpu:.1f} s ({1e6 * cpu / count:.0f} us per image; the decode processes' apart)")
+    print(f"  driver RSS before the run: {before:.0f} MB")
     for fraction in (0.1, 0.25, 0.5, 0.75, 1.0):
         index = min(len(samples) - 1, int(fraction * (len(samples) - 1)))
         print(f"  at {fraction:>4.0%} of the run: RSS {samples[index][1]:.0f} MB")
     print(f"  peak during the run: {max(s[1] for s in samples):.0f} MB")
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-n", "--images", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--shards", type=int, default=0, help="also run on the images as N WebDataset shards")
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="florence-memory-"))
+    folder = make_files(scratch, args.images)
+    if not args.shards:
+        measure([str(folder)], scratch / "out", args.images, args.workers)
+    else:  # files, shards, shards, files: a machine that slows down or speeds up favours neither
+        pattern = make_shards(scratch, args.images, args.shards)
+        rates: dict[str, list[float]] = {"files": [], "shards": []}
+        for run_number, kind in enumerate(("files", "shards", "shards", "files")):
+            inputs = [str(folder)] if kind == "files" else [pattern]
+            rates[kind].append(measure(inputs, scratch / f"out{run_number}", args.images, args.workers))
+        files, shards = (sum(rates[kind]) / 2 for kind in ("files", "shards"))
+        print(f"mean images/s: files {files:.0f}, shards {shards:.0f} (shards / files: {shards / files:.3f})")
+    shutil.rmtree(scratch)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 from .answer import AnswererBuilder, BatchAnswerer
 from .config import DEFAULT_MODEL, GenerationSettings, ModelConfig, RunConfig, Shard
 from .decode import DecodedImage, decode_image, model_pixels
-from .discover import ImageRef
+from .discover import ImageRef, Input
 from .engine import Engine, LocalEngine, batches
 from .jobs import TaskRequest, WorkItem, parse_requests, plan_jobs
 from .model import FlorenceModel
@@ -111,7 +111,7 @@ class Annotator:
     # -- folders to files ---------------------------------------------------------------------
     def run(
         self,
-        inputs: Iterable[str],
+        inputs: Iterable[Input],
         output: str | Path | OutputFolder,
         tasks: list[str] | list[TaskRequest],
         text: str | None = None,
@@ -123,7 +123,7 @@ class Annotator:
 
         ``tasks`` are names (with ``text`` for those that need it) or ready ``TaskRequest``s;
         ``options``: ``stdin_lines``, ``on_error``, and ``RunConfig``'s ``overwrite``, ``jsonl``,
-        ``progress``, ``shard`` (which keeps only its share of the images; ``florence merge``
+        ``parquet``, ``progress``, ``shard`` (which keeps only its share of the images; ``florence merge``
         combines the shards' folders) and ``captions`` (``CaptionOptions``: sidecar caption files,
         ``metadata.jsonl``). ``output`` may be a folder already opened with
         ``OutputFolder(path, annotator.settings(shard))``.

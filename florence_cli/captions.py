@@ -28,7 +28,7 @@ METADATA = "metadata.jsonl"  # the name Hugging Face's imagefolder loader looks 
 
 
 class CaptionClash(TaskError):
-    """Two images would share one caption file."""
+    """An image's caption file cannot be had: another image takes it, or a shard's sample has no folder."""
 
 
 def caption_task(options: CaptionOptions, tasks: list[Task]) -> Task | None:
@@ -103,6 +103,11 @@ class CaptionFiles:
     def claim(self, image: ImageRef) -> None:
         """Refuse (``CaptionClash``) an image whose caption file another image of this run has taken
         (``a.jpg`` and ``a.png``: both ``a.txt``)."""
+        if image.member is not None and self.options.sidecar_dir is None:
+            raise CaptionClash(
+                f"{image.name} is a sample of a tar shard, with no folder to put its caption beside: "
+                "write captions under a folder of their own with --sidecar-dir"
+            )
         target = self.sidecar_path(image)
         key = short_digest(os.fsencode(os.path.abspath(target)))
         if key in self._claimed:

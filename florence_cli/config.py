@@ -125,6 +125,7 @@ class RunConfig:
     workers: int | None = None  # decode processes; None: the device's default (``decode_workers``)
     overwrite: bool = False
     jsonl: str | None = None  # also stream answers here ("-": standard output)
+    parquet: bool = False  # also write OUT/<task>.parquet (rebuilt from the journal at the end)
     progress: bool = False
     shard: Shard | None = None
     captions: CaptionOptions = field(default_factory=CaptionOptions)

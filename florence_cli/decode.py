@@ -1,11 +1,13 @@
 """Stage 2: decode images (EXIF orientation, RGB, resize to the model's input) in worker processes.
 
 Workers import only Pillow and NumPy and send back uint8 pixels at the model's input size, so the
-main process never touches a full-size image and the model never waits for JPEG decoding.
+main process never touches a full-size image and the model never waits for JPEG decoding. A tar
+shard's image is read in the worker, from its offset in the tar (``tarshards.read_member``).
 """
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 import signal
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .discover import ImageRef
+from .tarshards import Member, read_member
 
 
 @dataclass(frozen=True)
@@ -48,21 +51,24 @@ class DecodeFailure:
     reason: str
 
 
-def open_rgb(path: str):
-    """Open ``path`` as the reference does: first frame, EXIF orientation applied, converted to RGB."""
+def open_rgb(source: str | Member):
+    """Open a file or a tar shard's image as the reference does: first frame, EXIF orientation
+    applied, converted to RGB."""
     from PIL import Image, ImageOps
 
-    if os.path.getsize(path) == 0:
+    if isinstance(source, Member):
+        source = io.BytesIO(read_member(source))
+    elif os.path.getsize(source) == 0:
         raise ValueError("empty file (0 bytes)")
-    with Image.open(path) as image:
+    with Image.open(source) as image:
         image.load()
         oriented = ImageOps.exif_transpose(image)
         return oriented.convert("RGB")
 
 
-def decode_image(path: str, spec: ResizeSpec) -> tuple[int, int, np.ndarray]:
+def decode_image(source: str | Member, spec: ResizeSpec) -> tuple[int, int, np.ndarray]:
     """Decode one image: its displayed (width, height) and its pixels resized as ``spec`` says."""
-    return model_pixels(open_rgb(path), spec)
+    return model_pixels(open_rgb(source), spec)
 
 
 def model_pixels(image, spec: ResizeSpec) -> tuple[int, int, np.ndarray]:
@@ -85,15 +91,15 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def decode_or_reason(path: str, spec: ResizeSpec) -> tuple[int, int, np.ndarray] | str:
+def decode_or_reason(source: str | Member, spec: ResizeSpec) -> tuple[int, int, np.ndarray] | str:
     """``decode_image``, or the one-line reason it failed: a decoder failure is data, never a crash."""
     try:
-        return decode_image(path, spec)
+        return decode_image(source, spec)
     except Exception as exc:
         return describe_error(exc)
 
 
-Decoder = Callable[[str, ResizeSpec], "tuple[int, int, np.ndarray] | str"]
+Decoder = Callable[["str | Member", ResizeSpec], "tuple[int, int, np.ndarray] | str"]
 
 
 def _result(ref: ImageRef, outcome: tuple[int, int, np.ndarray] | str) -> DecodedImage | DecodeFailure:
@@ -118,7 +124,7 @@ def decode_stream(
     """
     if workers <= 0:
         for ref in refs:
-            yield _result(ref, decoder(ref.path, spec))
+            yield _result(ref, decoder(ref.source, spec))
         return
     pool = _WorkerPool(spec, workers, decoder)
     window = max(prefetch, 4 * workers)
@@ -161,7 +167,7 @@ class _WorkerPool:
         return ProcessPoolExecutor(max_workers=workers, mp_context=self.context, initializer=_worker_setup)
 
     def submit(self, ref: ImageRef) -> None:
-        self.pending.append((ref, self.executor.submit(self.decoder, ref.path, self.spec)))
+        self.pending.append((ref, self.executor.submit(self.decoder, ref.source, self.spec)))
 
     def emit_oldest(self) -> Iterator[DecodedImage | DecodeFailure]:
         ref, future = self.pending[0]
@@ -180,7 +186,7 @@ class _WorkerPool:
     def _isolated(self, ref: ImageRef) -> DecodedImage | DecodeFailure:
         with self._executor(1) as solo:
             try:
-                return _result(ref, solo.submit(self.decoder, ref.path, self.spec).result())
+                return _result(ref, solo.submit(self.decoder, ref.source, self.spec).result())
             except BrokenProcessPool:
                 return DecodeFailure(ref, "decoder process crashed on this file")
 

@@ -4,15 +4,25 @@ Every image gets one output name, and every name one image: a file reached twice
 a folder and directly, through a link) is annotated once, a folder reached again through a link loop
 is not walked again, and a second file that would take a name already given is refused. A file is
 its path with links resolved (hard links are files of their own, as their names are).
+
+A ``.tar`` input is a WebDataset shard (``tarshards``): each sample's image is named ``<shard>/<key>``,
+where the shard is named as a file would be, less ``.tar``. An input that does not exist but is a
+pattern — ``shards/{00000..00099}.tar``, ``shards/*.tar`` — is expanded here, with no shell. A
+``PathList`` input is a Parquet or CSV list of paths (``pathlist``).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from .pathlist import PathList, PathListError
+from .tarshards import Member, ShardEnd, ShardError, expand_braces, is_tar_name, samples
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
@@ -21,9 +31,20 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", 
 class ImageRef:
     """One input image: where it is, and the name it carries in the outputs."""
 
-    path: str  # as found (absolute or relative to the working directory)
+    path: str  # as found (absolute or relative to the working directory); a shard's sample: the tar
     name: str  # relative to the input folder it was found in (POSIX separators); outputs use it
     order: tuple  # sort key: the name's parts, so outputs list images as a sorted folder walk does
+    member: Member | None = field(default=None, kw_only=True)  # a shard's sample: its image in the tar
+
+    @property
+    def source(self) -> str | Member:
+        """What a decoder reads: the file, or the image member of a shard's sample."""
+        return self.member or self.path
+
+    @property
+    def shard(self) -> str | None:
+        """The output name of the tar shard this sample is in (None: a file)."""
+        return self.member.shard if self.member else None
 
 
 @dataclass(frozen=True)
@@ -56,48 +77,87 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+_GLOB = re.compile(r"[*?[]")
+Input = str | PathList  # a path (a file, a folder, a tar shard, a pattern, - for stdin) or a list file
+Finished = Callable[[str, str], "int | None"]  # (tar, shard name) -> samples, if done earlier
+
+
 def discover(
-    inputs: Iterable[str], stdin_lines: Iterable[str] = ()
-) -> Iterator[ImageRef | InputError | Duplicate]:
+    inputs: Iterable[Input], stdin_lines: Iterable[str] = (), finished: Finished | None = None
+) -> Iterator[ImageRef | InputError | Duplicate | ShardEnd]:
     """Expand command-line inputs into images, yielding an ``InputError`` for each unusable one.
 
     Folders are walked (sorted, recursive, hidden entries skipped, non-images ignored); a file named
-    explicitly must be an image. ``-`` reads newline-separated paths from ``stdin_lines``. With one
-    folder, names are relative to it; with several inputs each folder's name comes first (as much of
-    its path as tells it from the other folders), and files named directly are named by their path
-    from the working directory. Nothing is buffered: millions of files stream through.
+    explicitly must be an image or a tar shard. ``-`` reads newline-separated paths from
+    ``stdin_lines``. With one folder, names are relative to it; with several inputs each folder's name
+    comes first (as much of its path as tells it from the other folders), and files named directly
+    are named by their path from the working directory. Each tar shard's samples end with a
+    ``ShardEnd``; a shard that ``finished`` says an earlier run finished is not opened. Nothing is
+    buffered: millions of files stream through.
     """
-    inputs = list(inputs)
+    inputs = [path for item in inputs for path in expand_pattern(item)]
     prefixes = _folder_prefixes(inputs) if len(inputs) > 1 else {}
-    seen = _Seen()
+    seen = _Seen(finished)
     for item in inputs:
+        if isinstance(item, PathList):
+            yield from _listed(item, seen)
+            continue
         items = (line.rstrip("\r\n") for line in stdin_lines) if item == "-" else [item]
         for path in items:
             if path.strip():
                 yield from _expand(path, prefixes.get(item, ""), seen)
 
 
+def expand_pattern(item: Input) -> list[Input]:
+    """An input that does not exist as written but is a pattern: the paths its braces name (existing or
+    not, as a shell's), each glob matched (sorted); a glob that matches nothing stays as written."""
+    if not isinstance(item, str) or item == "-" or os.path.lexists(item):
+        return [item]
+    found: list[Input] = []
+    for path in expand_braces(item):
+        found += (sorted(glob.glob(path)) or [path]) if _GLOB.search(path) else [path]
+    return found
+
+
+def _listed(paths: PathList, seen: _Seen) -> Iterator[ImageRef | InputError | Duplicate | ShardEnd]:
+    try:
+        for row, path, name in paths.entries():
+            where = f"{printable(paths.file)} row {row}"
+            if not path:
+                yield InputError(where, f"no path in column {paths.path_column}")
+            elif name.startswith("/") or {".", ".."} & set(name.split("/")):
+                yield InputError(where, f"its key {name!r} cannot name a file inside the output folder")
+            else:
+                yield from _expand(path, "", seen, name)
+    except PathListError as exc:
+        yield InputError(printable(paths.file), str(exc))
+
+
 class _Seen:
     """What discovery has given out: folders walked, files and names (8-byte digests, to stay small)."""
 
-    def __init__(self):
+    def __init__(self, finished: Finished | None = None):
         self.folders: set[tuple[int, int]] = set()
-        self.files: set[bytes] = set()  # real paths
+        self.files: set[bytes] = set()  # real paths (a shard's sample: the tar's, and its offset)
         self.names: set[bytes] = set()
+        self.finished = finished
 
-    def claim(self, path: str, name: str, real: str) -> ImageRef | InputError | Duplicate:
+    def claim(
+        self, path: str, name: str, real: str, member: Member | None = None
+    ) -> ImageRef | InputError | Duplicate:
         file = short_digest(os.fsencode(real))
+        shown = printable(name if member else path)  # a shard's sample is known by its name
         if file in self.files:
-            return Duplicate(printable(path))
+            return Duplicate(shown)
         try:
             digest = short_digest(name.encode("utf-8"))
         except UnicodeEncodeError:
-            return InputError(printable(path), "file name is not valid UTF-8; rename it to annotate it")
+            return InputError(shown, "file name is not valid UTF-8; rename it to annotate it")
         if digest in self.names:
-            return InputError(printable(path), f"its output name {name!r} is taken by another file")
+            return InputError(shown, f"its output name {name!r} is taken by another file")
         self.files.add(file)
         self.names.add(digest)
-        return ImageRef(path=path, name=name, order=name_order(name))
+        return ImageRef(path=path, name=name, order=name_order(name), member=member)
 
     def first_walk(self, folder: str) -> bool:
         """Whether ``folder`` is walked for the first time (a link loop leads back to one walked)."""
@@ -114,21 +174,57 @@ def short_digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=8).digest()
 
 
-def _expand(path: str, prefix: str, seen: _Seen) -> Iterator[ImageRef | InputError | Duplicate]:
+def _expand(
+    path: str, prefix: str, seen: _Seen, name: str | None = None
+) -> Iterator[ImageRef | InputError | Duplicate | ShardEnd]:
+    """The images of one input; ``name``: the name a list gives it (a folder's: its images' prefix)."""
     if not os.path.exists(path):
         yield InputError(printable(path), "no such file or directory")
     elif os.path.isdir(path):
+        prefix = prefix if name is None else name
         for found in _walk_images(path, os.path.realpath(path), seen):
             if isinstance(found, InputError):
                 yield found
             else:
                 file, real = found
                 yield seen.claim(file, Path(prefix, os.path.relpath(file, path)).as_posix(), real)
+    elif is_tar_name(path):
+        yield from _shard(path, _file_name(path)[: -len(".tar")] if name is None else name, seen)
     elif not is_image_name(path):
         expected = "/".join(sorted(IMAGE_EXTENSIONS))
-        yield InputError(printable(path), f"not an image file (expected {expected})")
+        yield InputError(printable(path), f"not an image file (expected {expected}) nor a .tar shard")
     else:
-        yield seen.claim(path, _file_name(path), os.path.realpath(path))
+        yield seen.claim(path, _file_name(path) if name is None else name, os.path.realpath(path))
+
+
+def _shard(path: str, shard: str, seen: _Seen) -> Iterator[ImageRef | InputError | Duplicate | ShardEnd]:
+    """A tar shard's samples, then its ``ShardEnd``; not opened when an earlier run finished it."""
+    real = os.path.realpath(path)
+    file = short_digest(os.fsencode(real))
+    if file in seen.files:
+        yield Duplicate(printable(path))
+        return
+    seen.files.add(file)
+    done = seen.finished(path, shard) if seen.finished else None
+    if done is not None:
+        yield ShardEnd(path, shard, clean=True, skipped=done)
+        return
+    clean, listed = True, 0
+    try:
+        for key, member in samples(path, shard):
+            listed += 1
+            name = f"{shard}/{key}"
+            if member is None:
+                clean = False
+                yield InputError(printable(name), "no image member (jpg, jpeg, png or webp) in this sample")
+                continue
+            found = seen.claim(path, name, f"{real}\0{member.offset}", member)
+            clean = clean and isinstance(found, ImageRef)
+            yield found
+    except ShardError as exc:
+        clean = False
+        yield InputError(printable(path), f"cannot read the tar shard past its sample {listed}: {exc}")
+    yield ShardEnd(path, shard, clean)
 
 
 def _walk_images(folder: str, real: str, seen: _Seen) -> Iterator[tuple[str, str] | InputError]:
@@ -162,10 +258,14 @@ def _walk_images(folder: str, real: str, seen: _Seen) -> Iterator[tuple[str, str
             yield entry.path, target
 
 
-def _folder_prefixes(inputs: list[str]) -> dict[str, str]:
+def _folder_prefixes(inputs: list[Input]) -> dict[str, str]:
     """Each folder input's name prefix: the fewest last parts of its absolute path that no other folder
     input ends with (``a/img`` and ``b/img`` stay apart; the same folder twice gets one prefix)."""
-    folders = {item: Path(os.path.abspath(item)).parts[1:] for item in inputs if os.path.isdir(item)}
+    folders = {
+        item: Path(os.path.abspath(item)).parts[1:]
+        for item in inputs
+        if isinstance(item, str) and os.path.isdir(item)
+    }
     distinct = set(folders.values())
     prefixes = {}
     for item, parts in folders.items():

@@ -9,11 +9,12 @@ so the same jobs run in this process or on a cluster.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .discover import ImageRef
@@ -259,6 +260,19 @@ def as_requests(tasks: list[str] | list[TaskRequest], text: str | None = None) -
     if tasks and isinstance(tasks[0], TaskRequest):
         return list(tasks)
     return parse_requests(list(tasks), text)
+
+
+def requests_identity(requests: list[TaskRequest]) -> str:
+    """Everything the requests ask of each image, as one string (per-image texts as a digest): a tar
+    shard finished with requests of one identity is finished for any others of the same."""
+
+    def value(request: TaskRequest, name: str) -> object:
+        value = getattr(request, name)
+        if name == "texts" and value is not None:
+            return hashlib.blake2b(json.dumps(list(value.items())).encode(), digest_size=16).hexdigest()
+        return value.name if isinstance(value, Task) else value
+
+    return repr([[value(r, f.name) for f in fields(r)] for r in requests])
 
 
 def plan_jobs(ref: ImageRef, requests: list[TaskRequest]) -> tuple[list[Job], list[ImageFailure]]:

@@ -4,6 +4,9 @@ The journal is the source of truth: final COCO files are rebuilt from everything
 order, so a run that was killed and resumed ends with exactly the files an uninterrupted run writes,
 and a run on a subset of the images adds to the files instead of replacing them. Done work is keyed on
 identity (name, size, mtime, task, prompt), never on position.
+
+A tar shard whose every sample is journaled gets a line of its own (``ShardProgress``), keyed on the
+shard's name, size and mtime and what was asked of it, so a later run skips it without opening it.
 """
 
 from __future__ import annotations
@@ -14,12 +17,15 @@ import itertools
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 from .discover import ImageRef, name_order
 from .records import Answer, job_identity
+from .tarshards import ShardEnd
 
 _SORT_CHUNK = 50_000  # records sorted in memory at once when rebuilding outputs
 # A sorted journal's reader: the answers of one task (by name), or of all tasks (None), in name order.
@@ -27,13 +33,23 @@ AnswerReader = Callable[[str | None], Iterator[Answer]]
 
 
 def work_key(ref: ImageRef, job: str) -> bytes:
-    """Identity of one piece of work: the file's name, size and mtime, and the job (task + text input)."""
+    """Identity of one piece of work: the file's name, size and mtime, and the job (task + text input).
+    A shard's sample: its name (``<shard>/<key>``), the tar's size and mtime, and the job."""
+    return _key(ref.name, ref.path, job)
+
+
+def shard_key(path: str, name: str, jobs: str) -> bytes:
+    """Identity of a finished tar shard: its name, size and mtime, and what was asked of its samples."""
+    return _key(name, path, jobs)
+
+
+def _key(name: str, path: str, job: str) -> bytes:
     try:
-        stat = os.stat(ref.path)
+        stat = os.stat(path)
         identity = f"{stat.st_size}:{stat.st_mtime_ns}"
     except OSError:
         identity = "missing"
-    return hashlib.blake2b(f"{ref.name}\0{identity}\0{job}".encode(), digest_size=12).digest()
+    return hashlib.blake2b(f"{name}\0{identity}\0{job}".encode(), digest_size=12).digest()
 
 
 def read_record(line: bytes | str) -> dict | None:
@@ -44,6 +60,17 @@ def read_record(line: bytes | str) -> dict | None:
     except (ValueError, TypeError, KeyError):
         return None
     return record if isinstance(record.get("file"), str) and isinstance(record.get("task"), str) else None
+
+
+def read_shard_record(line: bytes) -> dict | None:
+    """A finished tar shard's line (``{"shard", "done", "samples", "answers"}``), or None."""
+    try:
+        record = json.loads(line)
+        bytes.fromhex(record["done"])
+        numbers = isinstance(record["samples"], int) and isinstance(record["answers"], int)
+        return record if numbers and isinstance(record["shard"], str) else None
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def read_journal(path: Path) -> Iterator[Answer]:
@@ -63,6 +90,8 @@ class Journal:
         self.path = path
         self.done: set[bytes] = set()
         self.damaged_lines = 0  # lines that hold no record; skipped, never dropped with what follows
+        self.shards: dict[bytes, dict] = {}  # finished tar shards' lines, by their key
+        self.shard_answers: Counter[str | None] = Counter()  # answers journaled, by tar shard
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             self._recover()
@@ -77,10 +106,13 @@ class Journal:
                     break
                 good_bytes += len(line)
                 record = read_record(line)
-                if record is None:
-                    self.damaged_lines += 1
-                else:
+                if record is not None:
                     self.done.add(bytes.fromhex(record["key"]))
+                    self.shard_answers[record.get("shard")] += 1
+                elif (shard := read_shard_record(line)) is not None:
+                    self.shards[bytes.fromhex(shard["done"])] = shard
+                else:
+                    self.damaged_lines += 1
         if good_bytes != self.path.stat().st_size:
             with open(self.path, "r+b") as file:
                 file.truncate(good_bytes)
@@ -88,7 +120,25 @@ class Journal:
     def append(self, answers: list[Answer]) -> None:
         """Commit finished answers (a batch at a time): on disk before it returns. If writing fails
         (a full disk), the journal is cut back to what it held, so it never keeps half a batch."""
-        data = "".join(json.dumps(a.record(), ensure_ascii=False) + "\n" for a in answers).encode("utf-8")
+        self._write(a.record() for a in answers)
+        self.done.update(a.key for a in answers)
+        self.shard_answers.update(a.shard for a in answers)
+
+    def finished_shard(self, key: bytes) -> int | None:
+        """The samples of the finished tar shard ``key``, if its line is here and so are its answers (a
+        damaged line loses one: the shard is opened again, and the answer done again)."""
+        record = self.shards.get(key)
+        if record is None or self.shard_answers[record["shard"]] < record["answers"]:
+            return None
+        return record["samples"]
+
+    def mark_shards(self, records: list[dict]) -> None:
+        """Commit finished tar shards' lines (after their answers)."""
+        self._write(records)
+        self.shards.update((bytes.fromhex(r["done"]), r) for r in records)
+
+    def _write(self, records: Iterable[dict]) -> None:
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
         size = self._file.tell()
         try:
             self._file.write(data)
@@ -97,7 +147,6 @@ class Journal:
         except OSError:
             self._file = _reopen_at(self.path, self._file, size)
             raise
-        self.done.update(a.key for a in answers)
 
     def close(self) -> None:
         self._file.close()
@@ -169,3 +218,67 @@ def _read_chunk(path: Path) -> Iterator[tuple[list, dict]]:
         for line in file:
             sort_key, record = json.loads(line)
             yield sort_key, record
+
+
+@dataclass
+class _Shard:
+    """A tar shard on its way through a run."""
+
+    path: str
+    samples: int = 0  # listed (and taken by ``--shard``)
+    answers: int = 0  # answers its samples have, journaled earlier or to be
+    pending: int = 0  # samples sent to the engine, not back yet
+    clean: bool = True  # no sample has failed, and every one was listed
+    ended: bool = False  # discovery is past it
+
+
+class ShardProgress:
+    """Which tar shards a run finishes: once every sample of a shard that was listed whole is journaled,
+    the shard's line is; a later run that asks the same of it (``jobs``) skips it without opening it."""
+
+    def __init__(self, journal: Journal, jobs: str):
+        self.journal = journal
+        self.jobs = jobs
+        self.shards: dict[str, _Shard] = {}  # by name, until they end and are back
+
+    def finished(self, path: str, name: str) -> int | None:
+        """The samples of the shard at ``path`` if an earlier run finished it (discovery's question)."""
+        return self.journal.finished_shard(shard_key(path, name, self.jobs))
+
+    def planned(self, ref: ImageRef, answers: int, pending: bool, failed: bool) -> None:
+        """A sample was planned: ``answers`` in all, sent to the engine if ``pending``."""
+        if ref.member is not None:
+            shard = self.shards.setdefault(ref.member.shard, _Shard(ref.path))
+            shard.samples += 1
+            shard.answers += answers
+            shard.pending += pending
+            shard.clean = shard.clean and not failed
+
+    def ended(self, end: ShardEnd) -> None:
+        if not end.skipped:
+            shard = self.shards.setdefault(end.name, _Shard(end.path))
+            shard.ended = True
+            shard.clean = shard.clean and end.clean
+
+    def returned(self, items: Iterable[ImageRef], journaled: set[str]) -> None:
+        """Samples came back; those named in ``journaled`` are journaled. Commits the shards now done."""
+        for item in items:
+            if item.member is not None:
+                shard = self.shards[item.member.shard]
+                shard.pending -= 1
+                shard.clean = shard.clean and item.name in journaled
+        self.commit()
+
+    def commit(self) -> None:
+        """Journal the shards that ended with every sample back and none failed."""
+        over = [name for name, shard in self.shards.items() if shard.ended and not shard.pending]
+        records = []
+        for name in over:
+            shard = self.shards.pop(name)
+            if shard.clean:
+                done = shard_key(shard.path, name, self.jobs).hex()
+                records.append(
+                    {"shard": name, "done": done, "samples": shard.samples, "answers": shard.answers}
+                )
+        if records:
+            self.journal.mark_shards(records)

@@ -45,8 +45,8 @@ class MergeSummary:
 def merge(folders: list[Path], output: Path) -> MergeSummary:
     """Write into ``output`` the files a single run over all the shards' images writes.
 
-    COCO files are rebuilt from the joined journals (images in name order, categories as one run
-    lists them); text files are copied; JSONL files in the folders are merged in name order;
+    COCO and Parquet files are rebuilt from the joined journals (images in name order, categories as
+    one run lists them); text files are copied; JSONL files in the folders are merged in name order;
     ``errors.jsonl`` is the shards' errors one after the other.
     """
     folders = [Path(f) for f in folders]
@@ -54,10 +54,11 @@ def merge(folders: list[Path], output: Path) -> MergeSummary:
     if output.exists() and any(output.iterdir()):
         raise MergeError(f"{output} is not empty; merge into a new folder")
     coco = [_coco_task(folders, name) for name in _same_files(folders, "*.json")]
+    parquet = [resolve_task(Path(name).stem) for name in _same_files(folders, "*.parquet")]
     target = OutputFolder(output, settings)
     try:
         _join_journals(folders, target)
-        images = target.write_coco_files(coco, settings["model"])
+        images = target.write_coco_files(coco, settings["model"], parquet)
         text_files = _copy_text_files(folders, output)
         for name in _same_files(folders, "*.jsonl"):
             _merge_jsonl([f / name for f in folders], output / name, sort=name != "errors.jsonl")

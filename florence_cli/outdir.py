@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from .formats.coco import write_coco
+from .formats.parquet import write_parquet
 from .journal import AnswerReader, Journal
 from .tasks import Task
 from .writers import atomic_writer, text_path
@@ -89,19 +90,25 @@ class OutputFolder:
             file.write(text)
 
     def write_coco_files(
-        self, tasks: list[tuple[Task, list[str] | None]], model_name: str, answers: AnswerReader | None = None
+        self,
+        tasks: list[tuple[Task, list[str] | None]],
+        model_name: str,
+        parquet: list[Task] | None = None,
+        answers: AnswerReader | None = None,
     ) -> dict[str, int]:
-        """Rebuild the COCO file of each (task, its classes or None) from everything the journal holds
-        (``answers``: a reader of the journal sorted already, else it is sorted once for all of them);
-        returns each file's number of images."""
+        """Rebuild the COCO file of each (task, its classes or None), and the Parquet file of each task
+        in ``parquet``, from everything the journal holds (``answers``: a reader of the journal sorted
+        already, else it is sorted once for all of them); returns each COCO file's number of images."""
         if answers is None:
             with self.journal.sorted() as reader:
-                return self.write_coco_files(tasks, model_name, reader)
+                return self.write_coco_files(tasks, model_name, parquet, reader)
         written = {}
         for task, classes in tasks:
             path = self.path / f"{task.slug}.json"
             info = {"description": f"florence-cli {task.name}", "task": task.name, "model": model_name}
             written[path.name] = write_coco(path, task, lambda t=task: answers(t.name), info, classes)
+        for task in parquet or ():
+            write_parquet(self.path / f"{task.slug}.parquet", task, answers(task.name))
         return written
 
     def log_error(self, record: dict) -> None:

@@ -3,7 +3,9 @@
 The driver is the local one (``runner.run``: discovery, journal, writers, errors). This engine
 numbers the work items it is given and hands Ray one row per model batch — the batches a local run
 makes, ``{idx, path, jobs}`` of each image — and yields the results in submission order
-(``Reorder``), so the outputs equal a local run's. A batch that a crash took with it is tried again,
+(``Reorder``), so the outputs equal a local run's. Rows are read (decoded) by one read task per tar
+shard — the batches that start in it — or per batch of files (``BatchSource``), so a cluster splits
+the reading by shard. A batch that a crash took with it is tried again,
 then its images one at a time; those still missing become ``lost`` errors, which are never journaled,
 so a re-run retries them.
 
@@ -15,14 +17,18 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import pickle
 import socket
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.data
 import ray.exceptions
@@ -32,10 +38,12 @@ from ray.util.annotations import RayDeprecationWarning
 from .answer import AnswererBuilder
 from .config import RunConfig
 from .decode import DecodedImage, ResizeSpec, decode_or_reason
+from .discover import Input
 from .engine import ItemResult, batches
 from .jobs import ImageFailure, TaskRequest, WorkItem
 from .outdir import OutputFolder
 from .runner import RunSummary, run_into
+from .tarshards import Member
 
 LOST = "lost: worker crashed"
 
@@ -105,14 +113,53 @@ def driver_resize_spec(model: str, allow_pickle: bool = False) -> ResizeSpec:
 
 # -- stages: these run on Ray workers -------------------------------------------------------------------
 # A row is one model batch, the very batch a local run makes (CPU and CUDA kernels round differently with
-# the batch's make-up, so the same batches give the same bytes): lists of idx, path, jobs (pickled).
+# the batch's make-up, so the same batches give the same bytes): lists of idx, path, jobs (pickled), and
+# the source each image is read from (its file, or its member of a tar shard).
+
+
+class BatchSource(ray.data.Datasource):
+    """The decode stage, as a datasource: one read task per group of rows (``read_groups``: the model
+    batches that start in one tar shard, or one batch of files), yielding a block per row."""
+
+    def __init__(self, groups: list[list[dict]], spec: ResizeSpec):
+        super().__init__()
+        self.groups = groups
+        self.spec = spec
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, **_options) -> list[ray.data.ReadTask]:
+        from ray.data.block import BlockMetadata
+
+        return [
+            ray.data.ReadTask(
+                partial(_decode_rows, group, self.spec), BlockMetadata(len(group), None, None, None)
+            )
+            for group in self.groups
+        ]
+
+
+def read_groups(rows: list[dict]) -> list[list[dict]]:
+    """Consecutive rows whose first image is in the same tar shard, together (one read task reads them,
+    in the shard's order); a row of files alone."""
+
+    def shard(row: dict) -> object:
+        return getattr(row["source"][0], "tar", None) or id(row)
+
+    return [list(group) for _, group in groupby(rows, key=shard)]
+
+
+def _decode_rows(rows: list[dict], spec: ResizeSpec) -> Iterator[pa.Table]:
+    for row in rows:
+        yield pa.Table.from_pylist([decode_group(row, spec)])
 
 
 def decode_group(row: dict, spec: ResizeSpec) -> dict:
-    """Decode stage (a CPU task): each image's displayed size and its uint8 pixels at the model's input
-    size (pickled, protocol 5: a plain copy). A bad file gets its reason in ``error``; it never fails
-    the task."""
-    outcomes = [decode_or_reason(str(path), spec) for path in row["path"]]
+    """Decode one row: each image's displayed size and its uint8 pixels at the model's input size
+    (pickled, protocol 5: a plain copy). A bad file gets its reason in ``error``; it never fails the
+    task."""
+    outcomes = [decode_or_reason(source, spec) for source in row["source"]]
     decoded = [(0, 0, None) if isinstance(outcome, str) else outcome for outcome in outcomes]
     return {
         "idx": row["idx"], "path": row["path"], "jobs": row["jobs"],
@@ -235,8 +282,8 @@ class RayEngine:
         self._started_ray = False
 
     def run(
-        self, inputs: Iterable[str], output: str | Path | OutputFolder, tasks: list[str] | list[TaskRequest],
-        **options,
+        self, inputs: Iterable[Input], output: str | Path | OutputFolder,
+        tasks: list[str] | list[TaskRequest], **options,
     ) -> RunSummary:  # fmt: skip
         """Annotate every image under ``inputs`` into ``output``, as ``Annotator.run`` does (``options``:
         ``text``, ``stdin_lines``, ``on_error``, ``overwrite``, ``jsonl``, ``progress``, ``shard``)."""
@@ -311,9 +358,16 @@ class RayEngine:
             yield lost
 
     def _dataset(self, rows: list[dict], placement: Placement, alone: bool) -> ray.data.Dataset:
-        """Decode tasks → model actors, a row (a model batch) per block. One call in flight per replica,
-        so a crash takes no other batch with it; a crashed batch is tried once more, unless ``alone``."""
-        dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
+        """Decode (read) tasks → model actors, a row (a model batch) per block. One call in flight per
+        replica, so a crash takes no other batch with it; a crashed batch is tried once more, unless
+        ``alone``."""
+        groups = read_groups(rows)
+        with warnings.catch_warnings():  # Ray 2.60 deprecates these retry arguments but has no replacement
+            warnings.simplefilter("ignore", RayDeprecationWarning)
+            dataset = ray.data.read_datasource(
+                BatchSource(groups, self.resize), override_num_blocks=len(groups), num_cpus=1,
+                concurrency=min(placement.decode_cpus, len(groups)), ray_remote_args={"max_retries": 1},
+            )  # fmt: skip
         context = dataset.context
         context.enable_progress_bars = False  # the driver shows its own
         context.max_errored_blocks = -1  # a block whose worker crashed is reconciled, not fatal
@@ -321,13 +375,9 @@ class RayEngine:
         pool = ray.data.ActorPoolStrategy(
             size=min(placement.replicas, len(rows)), max_tasks_in_flight_per_actor=1
         )
-        with warnings.catch_warnings():  # Ray 2.60 deprecates these retry arguments but has no replacement
+        with warnings.catch_warnings():  # as above
             warnings.simplefilter("ignore", RayDeprecationWarning)
-            decoded = dataset.map(
-                decode_group, fn_kwargs={"spec": self.resize}, num_cpus=1, max_retries=1,
-                compute=ray.data.TaskPoolStrategy(size=placement.decode_cpus),
-            )  # fmt: skip
-            return decoded.map_batches(
+            return dataset.map_batches(
                 ModelStage, fn_constructor_kwargs={"build": self.build, "device": placement.device,
                 "resize": self.resize, "threads": self.threads}, batch_size=1, batch_format="numpy",
                 compute=pool,
@@ -348,11 +398,20 @@ def _rows(work: list[WorkItem], indices: list[int], size: int) -> list[dict]:
     rows = []
     for start in range(0, len(indices), size):
         chunk = indices[start : start + size]
+        sources = [_absolute(work[i]) for i in chunk]
         rows.append({
-            "idx": chunk, "path": [work[i].path for i in chunk],
+            "idx": chunk, "path": [work[i].path for i in chunk], "source": sources,
             "jobs": [pickle.dumps(work[i].jobs) for i in chunk],
         })  # fmt: skip
     return rows
+
+
+def _absolute(item: WorkItem) -> str | Member:
+    """Where a worker reads the image: the driver's paths, made absolute (a worker's working directory is
+    not the driver's)."""
+    if item.member is None:
+        return os.path.abspath(item.path)
+    return replace(item.member, tar=os.path.abspath(item.member.tar))
 
 
 def _local_threads() -> int:

@@ -76,6 +76,7 @@ class Answer:
     key: bytes = b""  # the work key resume is keyed on
     job: str = ""  # the job's identity (task and text input)
     job_index: int = 0  # the job's place among the image's jobs: the output order
+    shard: str | None = None  # the tar shard the image is a sample of (its name is ``<shard>/<key>``)
 
     def result(self) -> str | dict:
         """The answer in the structure ``post_process_generation`` gives (plus ``scores``)."""
@@ -93,8 +94,9 @@ class Answer:
 
     def record(self) -> dict:
         """The journal's line for this answer."""
+        shard = {"shard": self.shard} if self.shard is not None else {}
         return {**self.public(), "key": self.key.hex(), "job": self.job, "job_index": self.job_index,
-                "instances": [asdict(i) for i in self.instances]}  # fmt: skip
+                **shard, "instances": [asdict(i) for i in self.instances]}  # fmt: skip
 
     @classmethod
     def from_record(cls, record: dict) -> Answer:
@@ -106,7 +108,7 @@ class Answer:
             instances=[Instance(**instance) for instance in record.get("instances", [])],
             file=record["file"], query=record.get("text"), key=bytes.fromhex(record["key"]),
             job=job_identity(record),
-            job_index=record.get("job_index", 0),
+            job_index=record.get("job_index", 0), shard=record.get("shard"),
         )  # fmt: skip
 
 

@@ -17,13 +17,15 @@ from pathlib import Path
 
 from .captions import CaptionClash, CaptionFiles, caption_task, metadata_folder
 from .config import RunConfig
-from .discover import Duplicate, ImageRef, InputError, discover, printable
+from .discover import Duplicate, ImageRef, Input, InputError, discover, printable
 from .engine import Engine, ItemResult
+from .formats.parquet import require_pyarrow
 from .interrupts import Interrupted, critical, interruptible
-from .jobs import ImageFailure, Job, TaskRequest, WorkItem, as_requests, plan_jobs
-from .journal import work_key
+from .jobs import ImageFailure, Job, TaskRequest, WorkItem, as_requests, plan_jobs, requests_identity
+from .journal import ShardProgress, work_key
 from .outdir import OutputFolder, describe_os_error, stops_the_run
 from .records import Answer
+from .tarshards import ShardEnd
 from .tasks import resolve_task
 from .writers import JsonlSink, StdoutClosed
 
@@ -92,7 +94,7 @@ class _OutputStopped(Exception):
 
 
 def run(
-    inputs: Iterable[str],
+    inputs: Iterable[Input],
     requests: list[TaskRequest],
     config: RunConfig,
     engine: Engine,
@@ -103,6 +105,8 @@ def run(
     """Annotate every image under ``inputs`` with ``requests`` into ``config.output``, resuming earlier
     work there, with ``engine`` answering; the one driver of local and Ray runs. ``folder``: the output
     folder, if already opened (the CLI opens it before a model loads)."""
+    if config.parquet:
+        require_pyarrow()  # refused before any work, not at the end
     inputs = list(inputs)
     folder = folder or OutputFolder(config.output, config.settings(), config.overwrite)
     try:
@@ -138,7 +142,7 @@ def _caption_files(
 
 def run_into(
     output: str | Path | OutputFolder,
-    inputs: Iterable[str],
+    inputs: Iterable[Input],
     tasks: list[str] | list[TaskRequest],
     config: RunConfig,
     engine: Engine,
@@ -149,7 +153,8 @@ def run_into(
 ) -> RunSummary:
     """``run`` into ``output`` (a path, or a folder already opened), with ``tasks`` as names (``text`` for
     those that need one) or requests, and ``options`` setting ``config``'s fields (``overwrite``,
-    ``jsonl``, ``progress``, ``shard``, ``workers``): what the Python API's ``run`` methods share."""
+    ``jsonl``, ``parquet``, ``progress``, ``shard``, ``workers``): what the Python API's ``run`` methods
+    share."""
     folder = output if isinstance(output, OutputFolder) else None
     config = replace(config, output=folder.path if folder else Path(output), **options)
     return run(inputs, as_requests(tasks, text), config, engine, stdin_lines, on_error, folder)
@@ -176,8 +181,9 @@ class _Run:
         )
         self.sink = JsonlSink(config.jsonl) if config.jsonl else None
         self.bar = _progress_bar(config.progress)
+        self.shards = ShardProgress(folder.journal, requests_identity(requests))  # tar shards
 
-    def execute(self, inputs: Iterable[str], stdin_lines: Iterable[str], engine: Engine) -> RunSummary:
+    def execute(self, inputs: Iterable[Input], stdin_lines: Iterable[str], engine: Engine) -> RunSummary:
         """Feed ``engine`` the work not done yet and write what comes back; stops cleanly on SIGINT,
         SIGTERM, a closed standard output or a full disk."""
         started = time.perf_counter()
@@ -214,9 +220,14 @@ class _Run:
         if self.on_error:
             self.on_error(failure)
 
-    def work(self, inputs: Iterable[str], stdin_lines: Iterable[str]) -> Iterator[WorkItem]:
+    def work(self, inputs: Iterable[Input], stdin_lines: Iterable[str]) -> Iterator[WorkItem]:
         """Images with the jobs not yet done on them; images with nothing to do are counted, not sent."""
-        for found in discover(inputs, stdin_lines):
+        for found in discover(inputs, stdin_lines, self.shards.finished):
+            if isinstance(found, ShardEnd):  # a tar shard's samples are all found (or were done earlier)
+                self.summary.images += found.skipped
+                self.summary.skipped += found.skipped
+                self.shards.ended(found)
+                continue
             shard = self.config.shard
             if shard and not shard.takes(found.name if isinstance(found, ImageRef) else found.path):
                 continue
@@ -239,8 +250,9 @@ class _Run:
                     jobs.append(replace(job, key=key, text=self._chained_text(found.name, job)))
                 elif self.captions and self.captions.options.sidecars and job.task == self.captions.task:
                     self._caption_done_image(found)
+            self.shards.planned(found, len(planned), pending=bool(jobs), failed=bool(failures))
             if jobs:
-                yield WorkItem(found.path, found.name, found.order, tuple(jobs))
+                yield WorkItem(found.path, found.name, found.order, tuple(jobs), member=found.member)
             elif not failures:
                 self.summary.skipped += 1
 
@@ -305,10 +317,11 @@ class _Run:
             for job, answer in zip(result.item.jobs, result.answers, strict=True):
                 journaled.append(
                     replace(answer, file=result.item.name, query=job.text, key=job.key, job=job.identity(),
-                            job_index=job.index)
+                            job_index=job.index, shard=result.item.shard)
                 )  # fmt: skip
         try:
             self.folder.journal.append(journaled)
+            self.shards.returned((result.item for result in results), {a.file for a in journaled})
         except OSError as exc:
             raise _OutputStopped(_cannot_write(self.folder.journal.path, exc)) from exc
         self.summary.annotated += answered
@@ -325,13 +338,18 @@ class _Run:
         """Rebuild the COCO files from everything the journal holds, and release the folder."""
         if self.bar is not None:
             self.bar.close()
+        try:
+            self.shards.commit()  # shards whose samples were all done before this run
+        except OSError as exc:
+            self.summary.output_error = _cannot_write(self.folder.journal.path, exc)
         self.folder.journal.close()
         if self.sink:
             self.sink.close()
         coco = [(r.task, list(r.classes) or None) for r in self.requests if r.task.writes_coco]
+        parquet = list(dict.fromkeys(r.task for r in self.requests)) if self.config.parquet else []
         try:
             with self.folder.journal.sorted() as answers:
-                self.folder.write_coco_files(coco, self.config.model.name, answers)
+                self.folder.write_coco_files(coco, self.config.model.name, parquet, answers)
                 if self.captions and self.captions.metadata_root:
                     self.captions.write_metadata(answers(None))
         except OSError as exc:

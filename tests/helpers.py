@@ -61,3 +61,27 @@ def kill_mid_run(command: list[str], journal: Path, min_lines: int) -> int:
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     return journal.read_bytes().count(b"\n")
+
+
+def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """A WebDataset tar shard, as img2dataset writes one: each sample's members (extension → bytes),
+    adjacent, named ``<key>.<extension>``."""
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for extension, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size, info.mtime = len(data), 1_700_000_000
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def image_bytes(image, form: str = "PNG") -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, form)
+    return buffer.getvalue()

@@ -15,7 +15,7 @@ from florence_cli.tasks import TaskError
 from florence_cli.writers import FILE_MODE
 
 from .conftest import MAX_NEW_TOKENS, random_image, write_images
-from .helpers import read_jsonl
+from .helpers import image_bytes, read_jsonl, write_shard
 
 
 @pytest.fixture
@@ -224,3 +224,17 @@ def test_a_caption_that_is_a_link_is_never_followed(annotator, images, tmp_path)
     os.symlink(elsewhere, images / "img00.txt")
     summary = _run(annotator, images, tmp_path / "out", sidecar=True)
     assert summary.captions_kept == 1 and elsewhere.read_text(encoding="utf-8") == "someone else's file"
+
+
+def test_shard_samples_take_captions_under_sidecar_dir_only(annotator, tmp_path):
+    samples = [(f"{n:06d}", {"jpg": image_bytes(random_image(n), "JPEG"), "txt": b"alt"}) for n in range(2)]
+    shard = write_shard(tmp_path / "shards" / "00000.tar", samples)
+    with pytest.raises(TaskError, match="--sidecar-dir"):
+        _run(annotator, shard, tmp_path / "out", sidecar=True)
+    captions = tmp_path / "captions"
+    summary = _run(annotator, shard, tmp_path / "out", sidecar_dir=captions)
+    assert summary.exit_code == 0 and summary.annotated == 2
+    answers = {p.relative_to(tmp_path / "out" / "caption"): p.read_text(encoding="utf-8")
+               for p in (tmp_path / "out" / "caption").rglob("*.txt")}  # fmt: skip
+    sidecars = {p.relative_to(captions): p.read_text(encoding="utf-8") for p in captions.rglob("*.txt")}
+    assert len(answers) == 2 and sidecars == answers  # a sample's name: <shard>/<key>, so <key>.txt

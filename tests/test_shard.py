@@ -61,10 +61,17 @@ def folder(tmp_path) -> Path:
 def test_three_shards_merged_equal_one_run(annotator, folder, tmp_path):
     requests = parse_requests(["OD", "CAPTION", "OPEN_VOCABULARY_DETECTION"], classes="car,person")
     single = tmp_path / "single"
-    annotator.run([str(folder)], single, requests, jsonl=str(single / "answers.jsonl"))
+    annotator.run([str(folder)], single, requests, jsonl=str(single / "answers.jsonl"), parquet=True)
     shards = [tmp_path / f"shard{index}" for index in range(3)]
     seen = [
-        annotator.run([str(folder)], out, requests, jsonl=str(out / "answers.jsonl"), shard=Shard(index, 3))
+        annotator.run(
+            [str(folder)],
+            out,
+            requests,
+            jsonl=str(out / "answers.jsonl"),
+            shard=Shard(index, 3),
+            parquet=True,
+        )
         for index, out in enumerate(shards)
     ]
     assert sum(summary.images for summary in seen) == 10 and all(summary.images < 10 for summary in seen)

@@ -54,7 +54,7 @@ def _device(ctx, param, value: str) -> str:
 
 
 @click.command()
-@click.argument("inputs", nargs=-1, required=True)
+@click.argument("inputs", nargs=-1)
 @click.option("-t", "--task", "tasks", multiple=True, help="Task to run (repeatable): OD, od or <OD>.")
 @click.option(
     "--prompt",
@@ -132,6 +132,19 @@ def _device(ctx, param, value: str) -> str:
 @click.option(
     "--jsonl", default=None, help="Also write one JSON object per image and task to PATH (- for stdout)."
 )
+@click.option(
+    "--from-parquet",
+    "path_list",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Also annotate the images a Parquet (or .csv) file lists in --path-column (paths relative to "
+    "FILE's folder, or absolute).",
+)
+@click.option("--path-column", metavar="COL", help="--from-parquet: its column of paths [default: path].")
+@click.option("--key-column", metavar="COL", help="--from-parquet: name each image by this column.")
+@click.option(
+    "--parquet", is_flag=True, help="Also write OUT/<task>.parquet, a row per image and task (needs pyarrow)."
+)
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (they can run code).")
 @click.option(
     "--products",
@@ -203,7 +216,8 @@ def _device(ctx, param, value: str) -> str:
     help="--engine ray: decode tasks at once (default: spare CPUs).",
 )
 def annotate(inputs: tuple[str, ...], **flags) -> None:
-    """Annotate images (files, folders, or - for paths on stdin) with Florence-2 tasks.
+    """Annotate images (files, folders, WebDataset .tar shards or patterns of them such as
+    'shards/{00000..00099}.tar', or - for paths on stdin) with Florence-2 tasks.
 
     Exit status: 0 all done; 1 some images failed; 2 refused before any image was read (usage,
     missing input or model, a checkpoint that is not Florence-2 or is broken, an output folder that
@@ -253,6 +267,7 @@ def _annotate(inputs: tuple[str, ...], flags: dict):
         raise click.UsageError(str(exc)) from None
     _check_engine(flags)
     stdin_lines = _stdin_lines(inputs)
+    inputs = _with_path_list(inputs, flags)
     config = replace(_config(flags), captions=captions)
     try:
         checkpoint_layout(locate_model(config.model.name, config.model.allow_pickle))
@@ -275,7 +290,8 @@ def _annotate(inputs: tuple[str, ...], flags: dict):
         workers = config.decode_workers(annotator.model.device.type)
         return annotator.run(
             inputs, output, requests, workers=workers, stdin_lines=stdin_lines, on_error=report,
-            jsonl=config.jsonl, progress=config.progress, shard=config.shard, captions=config.captions,
+            jsonl=config.jsonl, parquet=config.parquet, progress=config.progress, shard=config.shard,
+            captions=config.captions,
         )  # fmt: skip
     except ModelLoadError as exc:
         output.close()
@@ -305,7 +321,7 @@ def _config(flags: dict):
     return RunConfig(
         model=model, output=Path(flags["output"]), batch_size=flags["batch_size"], generation=generation,
         min_score=flags["min_score"], workers=flags["workers"], overwrite=flags["overwrite"],
-        jsonl=flags["jsonl"], progress=not flags["quiet"], shard=flags["shard"],
+        jsonl=flags["jsonl"], parquet=flags["parquet"], progress=not flags["quiet"], shard=flags["shard"],
     )  # fmt: skip
 
 
@@ -325,15 +341,43 @@ def _caption_options(flags: dict):
 
 def _stdin_lines(inputs: tuple[str, ...]):
     """Paths on standard input for ``-`` (as the file system spells them, bytes that are not UTF-8
-    too); every other input must exist."""
+    too); every other input must exist, or be a pattern that names something that does."""
+    from ..discover import expand_pattern
+
     for item in inputs:
-        if item != "-" and not os.path.lexists(item):
+        if item != "-" and not any(os.path.lexists(path) for path in expand_pattern(item)):
             raise click.UsageError(f"{printable(item)}: no such file or folder")
     if "-" not in inputs:
         return ()
     if sys.stdin is None or sys.stdin.closed:
         raise click.UsageError("- reads image paths from standard input, but standard input is closed")
     return (os.fsdecode(line) for line in sys.stdin.buffer)
+
+
+def _with_path_list(inputs: tuple[str, ...], flags: dict) -> list:
+    """The inputs, and the list of ``--from-parquet`` (checked: it opens, it has the columns); refuses
+    a run with neither, ``--parquet`` without pyarrow, and the list's flags without a list."""
+    from ..formats.parquet import require_pyarrow
+    from ..pathlist import PathList, PathListError
+
+    if flags["parquet"]:
+        try:
+            require_pyarrow()
+        except ImportError as exc:
+            raise Refusal(str(exc)) from None
+    if not flags["path_list"]:
+        for name in ("path_column", "key_column"):
+            if flags[name]:
+                raise click.UsageError(f"--{name.replace('_', '-')} needs --from-parquet")
+        if not inputs:
+            raise click.UsageError("nothing to annotate: give INPUT... or --from-parquet FILE")
+        return list(inputs)
+    paths = PathList(flags["path_list"], flags["path_column"] or "path", flags["key_column"])
+    try:
+        paths.check()
+    except PathListError as exc:
+        raise click.UsageError(str(exc)) from None
+    return [*inputs, paths]
 
 
 def _silence_stdout() -> None:

@@ -1,0 +1,60 @@
+"""The Ray engine on WebDataset shards: one read task per shard, and the files of a local run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from florence_cli.discover import ImageRef
+from florence_cli.jobs import WorkItem
+from florence_cli.tarshards import Member
+
+from .conftest import MAX_NEW_TOKENS, random_image
+from .helpers import image_bytes, output_files, read_jsonl, write_shard
+from .test_ray import BATCH, TASKS, _engine, cluster  # noqa: F401 - cluster: the simulated cluster fixture
+
+pytest.importorskip("ray")
+
+
+def _item(name: str, tar: str | None = None) -> WorkItem:
+    member = Member(tar, 512, 10, tar[:-4]) if tar else None
+    ref = ImageRef(tar or name, name, (name,), member=member)
+    return WorkItem(ref.path, ref.name, ref.order, (), member=ref.member)
+
+
+def test_each_shard_is_read_by_one_task_and_files_batch_by_batch():
+    from florence_cli.ray_engine import _rows, read_groups
+
+    work = [*(_item(f"a/{i}", "a.tar") for i in range(5)), _item("f0.png"), _item("f1.png"),
+            *(_item(f"b/{i}", "b.tar") for i in range(3))]  # fmt: skip
+    groups = read_groups(_rows(work, list(range(len(work))), 3))
+    assert [[row["idx"] for row in group] for group in groups] == [
+        [[0, 1, 2], [3, 4, 5]],  # the batches that start in shard a (one ends with a file)
+        [[6, 7, 8]],  # a batch that starts with a file: read alone
+        [[9]],  # the rest of shard b
+    ]
+    first = groups[0][0]["source"][0]
+    assert isinstance(first, Member) and Path(first.tar).is_absolute()  # a worker's cwd is not ours
+
+
+def test_ray_on_shards_writes_the_files_of_a_local_run(cluster, tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    from florence_cli.annotate import Annotator, GenerationSettings
+
+    monkeypatch.chdir(tmp_path)
+    corrupt = {"png": b"\x89PNG\r\n\x1a\n" + bytes(100)}
+    for s in range(2):
+        samples = [(f"k{s}{k}", {"png": image_bytes(random_image(10 * s + k)), "txt": b"a caption"})
+                   for k in range(4)]  # fmt: skip
+        samples = [*samples[:2], ("bad", corrupt), *samples[2:]] if s else samples
+        write_shard(Path(f"shards/{s:05d}.tar"), samples)
+    local = Annotator(str(tiny_model), device="cpu", batch_size=BATCH,
+                      generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS))  # fmt: skip
+    local.run(["shards/*.tar"], "local", TASKS, parquet=True)
+    summary = _engine(tiny_model, tmp_path / "probes").run(["shards/*.tar"], "ray", TASKS, parquet=True)
+    assert (summary.annotated, summary.failed) == (8, 1)
+    assert output_files(Path("ray")) == output_files(Path("local"))  # COCO, captions and Parquet files
+    errors = read_jsonl(Path("ray/errors.jsonl"))
+    assert errors == [{"file": "shards/00001/bad", "error": "not a readable image"}]
+    done = [r["shard"] for r in read_jsonl(Path("ray/.florence/journal.jsonl")) if "done" in r]
+    assert done == ["shards/00000"]  # the shard with a failed sample is opened again by a rerun
