@@ -35,6 +35,7 @@ from .checkpoint import (
 from .config import DEFAULT_MODEL
 from .decode import ResizeSpec
 from .exact import reference_shapes
+from .graphs import StaticDecoder
 from .jobs import TaskRequest
 from .tasks import TaskError, task_prompt
 
@@ -87,16 +88,20 @@ class FlorenceModel:
         compact_beams: bool = True,
         fast_pixels: bool = True,
         reference_shapes: bool = True,
+        cuda_graphs: bool = False,
     ):
         """``compact_beams``: finished images leave the generation batch (see beam.py).
         ``fast_pixels``: decode workers resize and the device normalises, where that equals the
         processor; off, the processor prepares full images in the main process (the reference way).
         ``reference_shapes``: matrix products, attention and the vision tower run per image, in the
         shapes the one-image reference gives them, so answers are bit-identical (see exact.py); off,
-        they run batched — faster, but a near tie may then go another way than in the reference."""
+        they run batched — faster, but a near tie may then go another way than in the reference.
+        ``cuda_graphs``: with ``compact_beams``, decoding steps run over a static cache in buckets of
+        rows, replayed from CUDA graphs on a GPU and run as they are on CPU (see graphs.py)."""
         self.model = model.eval()
         self.compact_beams = compact_beams
         self.reference_shapes = reference_shapes
+        self.static_decoder = StaticDecoder(self.model) if cuda_graphs else None
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.device = device
@@ -117,6 +122,7 @@ class FlorenceModel:
         dtype: str = "auto",
         allow_pickle: bool = False,
         reference_shapes: bool = True,
+        cuda_graphs: bool = False,
     ) -> FlorenceModel:
         """Load a native or original-format checkpoint from a folder or the Hub."""
         torch_device = resolve_device(device)
@@ -124,8 +130,9 @@ class FlorenceModel:
         folder = locate_model(model, allow_pickle=allow_pickle)
         loaded, processor = load_checkpoint(folder, torch_dtype, allow_pickle)
         return cls(
-            loaded.to(torch_device), processor, torch_device, torch_dtype, reference_shapes=reference_shapes
-        )
+            loaded.to(torch_device), processor, torch_device, torch_dtype,
+            reference_shapes=reference_shapes, cuda_graphs=cuda_graphs,
+        )  # fmt: skip
 
     # -- images -------------------------------------------------------------------------------
     def pixel_values(self, images: list[np.ndarray]) -> torch.Tensor:
@@ -240,6 +247,8 @@ class FlorenceModel:
         encoder_states = encoder_outputs.last_hidden_state if self.reference_shapes else None
         if self.compact_beams:
             generation = {**generation, "custom_generate": compacting_beam_search}
+            if self.static_decoder is not None:
+                generation["static_decoder"] = self.static_decoder
         config = self.generation_config
         beams = max(generation.get("num_beams") or config.num_beams or 1, config.num_return_sequences or 1)
         with self._shapes(beams, language.decoder, self.model.lm_head):  # one image's beams
