@@ -41,14 +41,17 @@ class Annotator:
         allow_pickle: bool = False,
         min_score: float | None = None,
         exact: bool = True,
+        cuda_graphs: bool = False,
     ):
         """``exact`` off batches the model's matrix products and attention across images (faster,
         mostly on GPUs; a near tie may then be decided otherwise than by the one-image reference).
-        It applies to a model loaded here; a ``FlorenceModel`` given keeps its own setting."""
+        ``cuda_graphs``: decoding steps replay CUDA graphs over a static cache (see graphs.py).
+        Both apply to a model loaded here; a ``FlorenceModel`` given keeps its own settings."""
         loaded = model if isinstance(model, FlorenceModel) else None
         model_config = ModelConfig(
             "in-memory model" if loaded else model, device, dtype, allow_pickle,
             loaded.reference_shapes if loaded else exact,
+            loaded.static_decoder is not None if loaded else cuda_graphs,
         )  # fmt: skip
         self.config = RunConfig(
             model_config, batch_size=batch_size, generation=generation or GenerationSettings(),
@@ -63,7 +66,7 @@ class Annotator:
         return cls(
             model.name, device=model.device, dtype=model.dtype, batch_size=config.batch_size,
             generation=config.generation, allow_pickle=model.allow_pickle, min_score=config.min_score,
-            exact=model.exact,
+            exact=model.exact, cuda_graphs=model.cuda_graphs,
         )  # fmt: skip
 
     @property

@@ -62,14 +62,17 @@ class Shard:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which checkpoint, where, in which precision, and whether its kernels run in the reference's
-    per-image shapes (``exact``; off batches them: faster, but a near tie may go another way)."""
+    """Which checkpoint, where, in which precision, whether its kernels run in the reference's
+    per-image shapes (``exact``; off batches them: faster, but a near tie may go another way), and
+    whether decoding steps replay CUDA graphs over a static cache (``cuda_graphs``; on CPU the same
+    steps run uncaptured)."""
 
     name: str = DEFAULT_MODEL  # a Hub id or a local folder
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32
     allow_pickle: bool = False
     exact: bool = True
+    cuda_graphs: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,8 @@ class RunConfig:
         }  # fmt: skip
         if not self.model.exact:
             settings["exact"] = False
+        if self.model.cuda_graphs:  # the static cache's attention sums over other lengths
+            settings["cuda_graphs"] = True
         return {**settings, "shard": str(self.shard)} if self.shard else settings
 
     def batch_size_on(self, device_type: str) -> int:

@@ -131,6 +131,13 @@ def _device(ctx, param, value: str) -> str:
     help="Batch the model's matrix products and attention across images: faster, mostly on GPUs, but a "
     "near tie may then be decided otherwise than by the one-image reference (see README).",
 )
+@click.option(
+    "--cuda-graphs",
+    is_flag=True,
+    help="Replay decoding steps from CUDA graphs over a static key/value cache (fewer kernel launches; "
+    "on CPU the same steps run uncaptured). Its attention sums over a fixed length, so a near tie may "
+    "be decided otherwise (see docs/performance.md).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.option(
     "--shard",
@@ -242,6 +249,7 @@ def _config(flags: dict):
     model = ModelConfig(
         name=flags["model"] or DEFAULT_MODEL, device=flags["device"], dtype=flags["dtype"],
         allow_pickle=flags["allow_pickle"], exact=not flags["batched_products"],
+        cuda_graphs=flags["cuda_graphs"],
     )  # fmt: skip
     generation = GenerationSettings(
         num_beams=flags["num_beams"], max_new_tokens=flags["max_new_tokens"],
