@@ -21,9 +21,15 @@ key/value cache, the decoder compiled with ``torch.compile`` (compile time inclu
 capture time included). ``--levers compaction,products`` runs only the levers whose names hold those
 words.
 
+``--counters 8,64`` adds device-independent costs (counters.py): operators dispatched and weight bytes
+read per generated token per image, in a steady decoding step, for the reference loop and the
+per-image, batch-invariant and batched modes at each batch size, counted over ``--counter-tokens``
+pinned tokens (``-n 0`` prints them alone, without the timed runs).
+
     python benchmarks/throughput.py --device cpu --size base -n 8 --batch-sizes 8
     python benchmarks/throughput.py --device cpu --size base -n 8 --lengths free --levers compaction
     python benchmarks/throughput.py --device cuda --size large --dtype fp16 -n 256 --batch-sizes 16,32,64
+    python benchmarks/throughput.py --device cpu --size base -n 0 --counters 8,64
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +51,9 @@ import torch
 from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# benchmarks/counters.py, beside this script
+from counters import MODES, cost_table, format_table, pinned_generation
 
 from florence_cli.annotate import Annotator, GenerationSettings
 from florence_cli.config import default_workers
@@ -60,20 +70,25 @@ MICROSOFT_GENERATION = {
 IMAGE_SIZES = [(640, 480), (1024, 768), (1920, 1080), (3000, 2000), (4000, 3000), (800, 1200)]
 
 
-def write_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
-    """Synthetic photos: smooth colour fields with noise, JPEG-compressed, of realistic sizes."""
-    rng = np.random.default_rng(seed)
+def write_images(folder: Path, count: int, seed: int = 0, processes: int = 1) -> list[Path]:
+    """Synthetic photos: smooth colour fields with noise, JPEG-compressed, of realistic sizes
+    (written by ``processes`` processes: large JPEGs take a while)."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        width, height = IMAGE_SIZES[i % len(IMAGE_SIZES)]
-        small = rng.integers(0, 256, (height // 64 + 1, width // 64 + 1, 3), dtype=np.uint8)
-        image = Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR)
-        noisy = np.asarray(image, dtype=np.int16) + rng.integers(-12, 12, (height, width, 3), dtype=np.int16)
-        path = folder / f"photo{i:05d}.jpg"
-        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path, quality=90)
-        paths.append(path)
-    return paths
+    jobs = [(folder / f"photo{i:05d}.jpg", i, seed) for i in range(count)]
+    if processes <= 1:
+        return [write_image(*job) for job in jobs]
+    with ProcessPoolExecutor(processes) as pool:
+        return list(pool.map(write_image, *zip(*jobs, strict=True)))
+
+
+def write_image(path: Path, number: int, seed: int) -> Path:
+    rng = np.random.default_rng([seed, number])
+    width, height = IMAGE_SIZES[number % len(IMAGE_SIZES)]
+    small = rng.integers(0, 256, (height // 64 + 1, width // 64 + 1, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR)
+    noisy = np.asarray(image, dtype=np.int16) + rng.integers(-12, 12, (height, width, 3), dtype=np.int16)
+    Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+    return path
 
 
 def reset_peak_rss() -> None:
@@ -181,7 +196,7 @@ def variants(args, tasks: list[str], model: FlorenceModel, generation: Generatio
 
     plain, processor_pixels = like(compact_beams=False), like(fast_pixels=False)
     found += [
-        Variant("batched products", [(like(reference_shapes=False), tasks, args.workers)], generation),
+        Variant("batched products", [(like(products="batched"), tasks, args.workers)], generation),
         Variant("no beam compaction", [(plain, tasks, args.workers)], generation),
         Variant(
             "decode in main process" if args.workers else "1 decode process",
@@ -223,6 +238,58 @@ def length_summary(lengths: list[int]) -> str:
     return f"generated tokens per answer: min {lengths[0]}, median {middle}, max {lengths[-1]}"
 
 
+def print_counters(args, model: FlorenceModel, task: str) -> None:
+    batches = [int(b) for b in args.counters.split(",")]
+    print(f"# decoding costs per generated token per image ({resolve_task(task).token}; one steady step: "
+          "decoder, output layer, beam search, cache updates; vision tower, encoder and the first "
+          f"step's cross-attention keys/values left out), counted over {args.counter_tokens} pinned "
+          f"tokens, {model.dtype} weights", flush=True)  # fmt: skip
+    generation = pinned_generation(args.counter_tokens, args.num_beams)
+    modes = tuple(args.counter_modes.split(","))
+    rows = cost_table(model, batches, resolve_task(task).token, generation, modes)
+    print("\n".join(format_table(rows)), flush=True)
+
+
+def timed_rows(args, tasks, loaded, paths, scratch, generation) -> list[dict]:
+    """The reference loop, then each variant at each batch size, timed; a printed line and a row each."""
+    device = loaded.device
+    started = start_phase(device)
+    expected, lengths = reference_loop(
+        loaded, paths, [resolve_task(t).token for t in tasks], generation.kwargs()
+    )
+    reference = end_phase(device, started)
+    print(f"# reference loop: {length_summary(lengths)}", flush=True)
+    rows = []
+    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+        for variant in variants(args, tasks, loaded, generation):
+            if variant.cuda_only and device.type != "cuda":
+                print(f"{','.join(tasks):<12} batch {batch_size:>3} {variant.name:<24}: n/a on {device.type}")
+                continue
+            started, answers = start_phase(device), {}
+            with variant.context():
+                for i, (model_variant, run_tasks, workers) in enumerate(variant.runs):
+                    out = scratch / f"out-{batch_size}-{variant.name.replace(' ', '-')}-{i}"
+                    answers |= florence_run(model_variant, scratch / "images", out, run_tasks, batch_size,
+                                            variant.generation, workers)  # fmt: skip
+            ours = end_phase(device, started)
+            same = sum(answers.get(key) == raw for key, raw in expected.items())
+            row = {
+                "tasks": ",".join(tasks), "batch_size": batch_size, "variant": variant.name,
+                "size": args.size, "device": str(device), "dtype": str(loaded.dtype).removeprefix("torch."),
+                "images": args.images, "lengths": args.lengths, "answers": len(expected),
+                "reference_images_per_s": args.images / reference["seconds"],
+                "florence_images_per_s": args.images / ours["seconds"],
+                "identical": same, "agreement": same / len(expected),
+            }  # fmt: skip
+            row["speedup"] = row["florence_images_per_s"] / row["reference_images_per_s"]
+            for key in ("peak_rss_mb", "peak_gpu_mb"):
+                if key in ours:
+                    row[f"reference_{key}"], row[f"florence_{key}"] = reference[key], ours[key]
+            rows.append(row)
+            print(report(row), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -242,6 +309,17 @@ def main() -> None:
     parser.add_argument("--num-beams", type=int, default=3)
     parser.add_argument("--workers", type=int, help="decode processes (default: as florence annotate's)")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument(
+        "--counters",
+        nargs="?",
+        const="8,64",
+        metavar="BATCHES",
+        help="also count operators and weight bytes per image-token at these batch sizes",
+    )
+    parser.add_argument("--counter-tokens", type=int, default=5, help="pinned tokens to count over (>= 3)")
+    parser.add_argument(
+        "--counter-modes", default=",".join(MODES), help="comma-separated, of " + ",".join(MODES)
+    )
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -265,40 +343,9 @@ def main() -> None:
     print(f"# {args.size} ({params:.0f}M params), {device}, {dtype}, {args.images} images, "
           f"{args.num_beams} beams, {args.lengths} lengths, {args.new_tokens} new tokens",
           flush=True)  # fmt: skip
-    started = start_phase(device)
-    expected, lengths = reference_loop(
-        loaded, paths, [resolve_task(t).token for t in tasks], generation.kwargs()
-    )
-    reference = end_phase(device, started)
-    print(f"# reference loop: {length_summary(lengths)}", flush=True)
-    rows = []
-    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        for variant in variants(args, tasks, loaded, generation):
-            if variant.cuda_only and device.type != "cuda":
-                print(f"{','.join(tasks):<12} batch {batch_size:>3} {variant.name:<24}: n/a on {device.type}")
-                continue
-            started, answers = start_phase(device), {}
-            with variant.context():
-                for i, (model_variant, run_tasks, workers) in enumerate(variant.runs):
-                    out = scratch / f"out-{batch_size}-{variant.name.replace(' ', '-')}-{i}"
-                    answers |= florence_run(model_variant, scratch / "images", out, run_tasks, batch_size,
-                                            variant.generation, workers)  # fmt: skip
-            ours = end_phase(device, started)
-            same = sum(answers.get(key) == raw for key, raw in expected.items())
-            row = {
-                "tasks": ",".join(tasks), "batch_size": batch_size, "variant": variant.name,
-                "size": args.size, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                "images": args.images, "lengths": args.lengths, "answers": len(expected),
-                "reference_images_per_s": args.images / reference["seconds"],
-                "florence_images_per_s": args.images / ours["seconds"],
-                "identical": same, "agreement": same / len(expected),
-            }  # fmt: skip
-            row["speedup"] = row["florence_images_per_s"] / row["reference_images_per_s"]
-            for key in ("peak_rss_mb", "peak_gpu_mb"):
-                if key in ours:
-                    row[f"reference_{key}"], row[f"florence_{key}"] = reference[key], ours[key]
-            rows.append(row)
-            print(report(row), flush=True)
+    rows = timed_rows(args, tasks, loaded, paths, scratch, generation) if args.images else []
+    if args.counters:
+        print_counters(args, loaded, tasks[0])
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -40,24 +40,26 @@ class Annotator:
         generation: GenerationSettings | None = None,
         allow_pickle: bool = False,
         min_score: float | None = None,
-        exact: bool = True,
+        products: str = "auto",
         cuda_graphs: bool = False,
     ):
-        """``exact`` off batches the model's matrix products and attention across images (faster,
-        mostly on GPUs; a near tie may then be decided otherwise than by the one-image reference).
-        ``cuda_graphs``: decoding steps replay CUDA graphs over a static cache (see graphs.py).
-        Both apply to a model loaded here; a ``FlorenceModel`` given keeps its own settings."""
+        """``products``: how the model's matrix products and attention meet the batch (auto, per-image,
+        invariant, batched; see ``config.PRODUCTS``). ``cuda_graphs``: decoding steps replay CUDA graphs
+        over a static cache (see graphs.py). Both apply to a model loaded here; a ``FlorenceModel``
+        given keeps its own settings."""
         loaded = model if isinstance(model, FlorenceModel) else None
         model_config = ModelConfig(
             "in-memory model" if loaded else model, device, dtype, allow_pickle,
-            loaded.reference_shapes if loaded else exact,
+            loaded.products if loaded else products,
             loaded.static_decoder is not None if loaded else cuda_graphs,
         )  # fmt: skip
-        self.config = RunConfig(
+        config = RunConfig(
             model_config, batch_size=batch_size, generation=generation or GenerationSettings(),
             min_score=min_score,
         )  # fmt: skip
-        self.answerer = BatchAnswerer(loaded, self.config) if loaded else AnswererBuilder(self.config)()
+        self.answerer = BatchAnswerer(loaded, config) if loaded else AnswererBuilder(config)()
+        # The mode auto came to on the model's device: what a run's summary names.
+        self.config = replace(config, model=replace(model_config, products=self.model.products))
 
     @classmethod
     def from_config(cls, config: RunConfig) -> Annotator:
@@ -66,7 +68,7 @@ class Annotator:
         return cls(
             model.name, device=model.device, dtype=model.dtype, batch_size=config.batch_size,
             generation=config.generation, allow_pickle=model.allow_pickle, min_score=config.min_score,
-            exact=model.exact, cuda_graphs=model.cuda_graphs,
+            products=model.products, cuda_graphs=model.cuda_graphs,
         )  # fmt: skip
 
     @property
@@ -124,8 +126,9 @@ class Annotator:
 
         ``tasks`` are names (with ``text`` for those that need it) or ready ``TaskRequest``s;
         ``options``: ``stdin_lines``, ``on_error``, and ``RunConfig``'s ``overwrite``, ``jsonl``,
-        ``progress`` and ``shard`` (which keeps only its share of the images; ``florence merge``
-        combines the shards' folders). ``output`` may be a folder already opened with
+        ``progress``, ``shard`` (which keeps only its share of the images; ``florence merge``
+        combines the shards' folders) and ``captions`` (``CaptionOptions``: sidecar caption files,
+        ``metadata.jsonl``). ``output`` may be a folder already opened with
         ``OutputFolder(path, annotator.settings(shard))``.
         """
         engine = engine or LocalEngine(lambda: self.answerer, workers)

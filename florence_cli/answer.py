@@ -102,7 +102,7 @@ class AnswererBuilder:
         model = self.config.model
         loaded = FlorenceModel.load(
             model.name, device or model.device, model.dtype, model.allow_pickle,
-            reference_shapes=model.exact, cuda_graphs=model.cuda_graphs,
+            products=model.products, cuda_graphs=model.cuda_graphs,
         )  # fmt: skip
         return BatchAnswerer(loaded, self.config)
 

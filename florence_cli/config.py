@@ -16,6 +16,11 @@ from pathlib import Path
 DEFAULT_MODEL = "mrhendrey/Florence-2-large-ft-safetensors"
 AUTO_CUDA_BATCH = 64  # --batch-size auto starts here on CUDA, halving on out-of-memory
 AUTO_CPU_BATCH = 8
+# How the language model's matrix products and attention meet the batch (see README, "Products"):
+# per-image: in the one-image reference's shapes (bit-identical to it on CPU); invariant: batched, in
+# kernels whose rounding ignores the batch (CUDA); batched: stock batched kernels (fastest; a near tie
+# may go another way with other images beside it); auto: the device's default (``products_on``).
+PRODUCTS = ("auto", "per-image", "invariant", "batched")
 
 
 @dataclass(frozen=True)
@@ -62,8 +67,7 @@ class Shard:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which checkpoint, where, in which precision, whether its kernels run in the reference's
-    per-image shapes (``exact``; off batches them: faster, but a near tie may go another way), and
+    """Which checkpoint, where, in which precision, how its products meet the batch (``PRODUCTS``), and
     whether decoding steps replay CUDA graphs over a static cache (``cuda_graphs``; on CPU the same
     steps run uncaptured)."""
 
@@ -71,8 +75,45 @@ class ModelConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32
     allow_pickle: bool = False
-    exact: bool = True
+    products: str = "auto"
     cuda_graphs: bool = False
+
+    def products_on(self, device_type: str) -> str:
+        """``products`` on a device of this type, ``auto`` resolved."""
+        return resolve_products(self.products, device_type)
+
+
+def resolve_products(products: str, device_type: str) -> str:
+    """``auto`` is per-image on CPU (bit-identical to the reference there) and invariant on CUDA (batched,
+    answers still independent of the batch); an unknown mode is a ``ValueError``."""
+    if products not in PRODUCTS:
+        raise ValueError(f"unknown products {products!r} (use {', '.join(PRODUCTS)})")
+    if products != "auto":
+        return products
+    return "invariant" if device_type == "cuda" else "per-image"
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    """Caption files for training sets (``captions``): sidecars and Hugging Face's ``metadata.jsonl``."""
+
+    sidecar: bool = False  # a caption file beside each image
+    sidecar_dir: Path | None = None  # ... or at the image's output name under this folder
+    extension: str = ".txt"
+    naming: str = "stem"  # "stem": a.jpg -> a.txt; "full": a.jpg -> a.jpg.txt
+    task: str | None = None  # the text task the captions come from (None: the only one)
+    prefix: str = ""  # trigger words before the caption (caption files only; not the journal)
+    suffix: str = ""
+    overwrite: bool = False  # replace caption files florence-cli did not write, or that were edited
+    hf_metadata: bool = False  # metadata.jsonl in the input folder
+
+    @property
+    def sidecars(self) -> bool:
+        return self.sidecar or self.sidecar_dir is not None
+
+    @property
+    def enabled(self) -> bool:
+        return self.sidecars or self.hf_metadata
 
 
 @dataclass(frozen=True)
@@ -89,13 +130,17 @@ class RunConfig:
     jsonl: str | None = None  # also stream answers here ("-": standard output)
     progress: bool = False
     shard: Shard | None = None
+    captions: CaptionOptions = field(default_factory=CaptionOptions)
 
     def settings(self) -> dict:
         """What the output folder's answers depend on besides the inputs and tasks (it refuses others)."""
         settings = {
             "model": self.model.name, "generation": self.generation.kwargs(), "min_score": self.min_score,
         }  # fmt: skip
-        if not self.model.exact:
+        # Answers independent of the batch (per-image, invariant) differ between those modes only in
+        # rounding, as between devices and dtypes, which a folder does not record either; batch-dependent
+        # answers are kept apart ("exact": false, as folders made before the modes had it).
+        if self.model.products == "batched":
             settings["exact"] = False
         if self.model.cuda_graphs:  # the static cache's attention sums over other lengths
             settings["cuda_graphs"] = True

@@ -86,11 +86,11 @@ class _Seen:
         self.names: set[bytes] = set()
 
     def claim(self, path: str, name: str, real: str) -> ImageRef | InputError | Duplicate:
-        file = _digest(os.fsencode(real))
+        file = short_digest(os.fsencode(real))
         if file in self.files:
             return Duplicate(printable(path))
         try:
-            digest = _digest(name.encode("utf-8"))
+            digest = short_digest(name.encode("utf-8"))
         except UnicodeEncodeError:
             return InputError(printable(path), "file name is not valid UTF-8; rename it to annotate it")
         if digest in self.names:
@@ -109,7 +109,8 @@ class _Seen:
         return True
 
 
-def _digest(data: bytes) -> bytes:
+def short_digest(data: bytes) -> bytes:
+    """8 bytes that tell ``data`` from any other in a set of millions (sets of them stay small)."""
     return hashlib.blake2b(data, digest_size=8).digest()
 
 

@@ -161,27 +161,39 @@ def _is_attention(module: nn.Module) -> bool:
     return all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj", "config"))
 
 
-@contextlib.contextmanager
-def reference_shapes(rows: int, *modules: nn.Module) -> Iterator[None]:
+def reference_shapes(rows: int, *modules: nn.Module) -> contextlib.AbstractContextManager[None]:
     """While the block runs, the linear layers and attention in ``modules`` work on ``rows`` rows of
     the batch at a time (one image's: its prompt, or its beams)."""
+    return swapped_kernels(modules, _linear_per_image, PER_IMAGE_ATTENTION, florence_rows=rows)
+
+
+@contextlib.contextmanager
+def swapped_kernels(modules, linear_forward, attention: str, **marks) -> Iterator[None]:
+    """While the block runs, the linear layers in ``modules`` compute with ``linear_forward`` (called as
+    their method) and their attention modules with the attention function registered as ``attention``
+    (the model's own, named by ``module.florence_attention``, stays at hand); ``marks`` are set on every
+    swapped module for those functions to read. All is undone after, whatever happens."""
     linears = [m for module in modules for m in module.modules() if isinstance(m, nn.Linear)]
     attentions = [m for module in modules for m in module.modules() if _is_attention(m)]
     configs = {}
     for linear in linears:
-        linear.florence_rows = rows
-        linear.forward = types.MethodType(_linear_per_image, linear)
-    for attention in attentions:
-        attention.florence_rows = rows
-        attention.florence_attention = attention.config._attn_implementation
-        configs[attention] = attention.config
-        attention.config = copy.copy(attention.config)  # its own, so the shared config stays as it is
-        attention.config._attn_implementation = PER_IMAGE_ATTENTION
+        linear.__dict__.update(marks)
+        linear.forward = types.MethodType(linear_forward, linear)
+    for module in attentions:
+        module.__dict__.update(marks)
+        module.florence_attention = module.config._attn_implementation
+        configs[module] = module.config
+        module.config = copy.copy(module.config)  # its own, so the shared config stays as it is
+        module.config._attn_implementation = attention
     try:
         yield
     finally:
         for linear in linears:
-            del linear.forward, linear.florence_rows  # back to the class's own forward
-        for attention, config in configs.items():
-            attention.config = config
-            del attention.florence_rows, attention.florence_attention
+            del linear.forward  # back to the class's own forward
+            for name in marks:
+                delattr(linear, name)
+        for module, config in configs.items():
+            module.config = config
+            del module.florence_attention
+            for name in marks:
+                delattr(module, name)

@@ -20,16 +20,24 @@ launch, but only over fixed shapes at fixed addresses. So here:
 Padding rows carry dummy tokens and states and their logits are never read: every operation of a
 step works row by row (products, norms, attention over a row's own cache), so no value of a live
 row depends on them. Their *shape* can: a kernel may round a 48-row product otherwise than a 24-row
-one, as it may a 24-row product otherwise than the plain path's 21 rows — except where the products
-run in each image's own shapes (exact.py), which the step keeps. What differs from the plain path in
-every mode is the self-attention's length: it sums over the fixed length, the masked positions
-adding exact zeros, where transformers' loop sums over the positions written; the kernels may group
-those sums otherwise, so a logit may differ in its last bits and a beam search at a near tie may go
-another way.
+one, as it may a 24-row product otherwise than the plain path's 21 rows. The step runs in whatever
+products mode the model's generation is under (model.py patches the same modules), so that depends
+on the mode:
+
+- per-image (exact.py): the products run in each image's own rows, which the step keeps (buckets are
+  whole images with their beams); the self-attention's length differs from the plain path's: it sums
+  over the fixed length, the masked positions adding exact zeros, where transformers' loop sums over
+  the positions written, and the kernels may group those sums otherwise, so a logit may differ in its
+  last bits and a beam search at a near tie may go another way;
+- invariant (invariant.py): neither the rows nor the masked positions change a bit — the kernels' sums
+  ignore the batch and masked keys — so the steps give the plain invariant path's logits exactly, and
+  the Triton kernels are captured like any other;
+- batched: both may change the rounding, as the batch itself does in that mode.
 
 On CPU the same step runs without capture, so tests compare it with the plain path: attending over
 exactly the positions written, in the per-image shapes, it gives the same logits bit for bit; over
-the padded lengths, the same answers on the test model.
+the padded lengths, the same answers on the test model; in invariant products (Triton's interpreter),
+the same logits bit for bit over the padded lengths and buckets too.
 """
 
 from __future__ import annotations
@@ -144,6 +152,8 @@ class StaticDecoder:
         not follow the beams."""
         self_layers, cross_layers = cache.self_attention_cache.layers, cache.cross_attention_cache.layers
         rows, _, written, _ = self_layers[0].keys.shape
+        if beams != self.beams:  # per-image products recorded their split by an image's rows in the graphs
+            self.graphs.clear()
         self.rows, self.beams = rows, beams
         self.encoder_length = cross_layers[0].keys.shape[2]
         self.cross_follows_beams = not cross_beams_alike

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .discover import ImageRef
-from .tasks import Output, Task, TaskError, TextInput, resolve_task, task_prompt
+from .tasks import Output, Task, TaskError, TextInput, prompt_task, resolve_task, task_prompt
 
 
 @dataclass(frozen=True)
@@ -175,13 +175,17 @@ def parse_requests(
     classes: str | None = None,
     ground_from: str | None = None,
     region: str | None = None,
+    prompts: list[str] = (),
 ) -> list[TaskRequest]:
-    """Turn task names and text options into requests, validating everything a model is not needed for.
+    """Turn task names, free prompts (after them) and text options into requests, validating everything
+    a model is not needed for.
 
     ``text`` goes to the tasks no other option feeds: one text for all of them (they must take the same
     kind: phrases or regions), or a text per task name. Raises ``TaskError`` with a message for the user.
     """
-    names = [resolve_task(name) for name in tasks]
+    names = [resolve_task(name) for name in tasks] + [prompt_task(prompt) for prompt in prompts]
+    if not names:
+        raise TaskError("nothing to ask: give a task (-t) or a prompt (--prompt)")
     source = resolve_task(ground_from) if ground_from else None
     if source and source not in names:
         names.insert(0, source)

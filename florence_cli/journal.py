@@ -22,6 +22,8 @@ from .discover import ImageRef, name_order
 from .records import Answer, job_identity
 
 _SORT_CHUNK = 50_000  # records sorted in memory at once when rebuilding outputs
+# A sorted journal's reader: the answers of one task (by name), or of all tasks (None), in name order.
+AnswerReader = Callable[[str | None], Iterator[Answer]]
 
 
 def work_key(ref: ImageRef, job: str) -> bytes:
@@ -101,7 +103,7 @@ class Journal:
         self._file.close()
 
     @contextmanager
-    def sorted(self) -> Iterator[Callable[[str | None], Iterator[Answer]]]:
+    def sorted(self) -> Iterator[AnswerReader]:
         """Sort the journal once, for every file built from it: yields a reader of its answers (those of
         one task, or all) in name order — per job the latest, in the order of the jobs.
 

@@ -3,9 +3,10 @@
 The generation path is the reference path split into its parts, so that each part can be batched and
 reused: image features once per image (every task on that image shares them), the language encoder
 once per prompt batch, then ``generate`` from the encoder's outputs (beam.py's search, which drops
-finished images). Every part is the same call the reference makes, and the kernels whose rounding
-depends on the batch run in the reference's per-image shapes (exact.py), so answers stay
-token-identical.
+finished images). Every part is the same call the reference makes. The kernels whose rounding depends
+on the batch run, by ``products``, in the reference's per-image shapes (exact.py: answers
+token-identical to the reference), in batch-invariant kernels (invariant.py: batched, and an answer
+still independent of the images beside it), or batched as they come.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .checkpoint import (
     locate_model,
     pickle_refused,
 )
-from .config import DEFAULT_MODEL
+from .config import DEFAULT_MODEL, resolve_products
 from .decode import ResizeSpec
 from .exact import reference_shapes
 from .graphs import StaticDecoder
@@ -87,20 +88,27 @@ class FlorenceModel:
         dtype: torch.dtype,
         compact_beams: bool = True,
         fast_pixels: bool = True,
-        reference_shapes: bool = True,
+        products: str = "auto",
         cuda_graphs: bool = False,
     ):
         """``compact_beams``: finished images leave the generation batch (see beam.py).
         ``fast_pixels``: decode workers resize and the device normalises, where that equals the
         processor; off, the processor prepares full images in the main process (the reference way).
-        ``reference_shapes``: matrix products, attention and the vision tower run per image, in the
-        shapes the one-image reference gives them, so answers are bit-identical (see exact.py); off,
-        they run batched — faster, but a near tie may then go another way than in the reference.
+        ``products`` (``config.PRODUCTS``): per-image runs matrix products, attention and the vision
+        tower in the shapes the one-image reference gives them, so answers are bit-identical (see
+        exact.py); invariant batches the language model in kernels whose rounding ignores the batch
+        (invariant.py; CUDA); batched runs all batched — fastest, but a near tie may then go another
+        way than in the reference. Auto: per-image on CPU, invariant on CUDA.
         ``cuda_graphs``: with ``compact_beams``, decoding steps run over a static cache in buckets of
-        rows, replayed from CUDA graphs on a GPU and run as they are on CPU (see graphs.py)."""
+        rows, replayed from CUDA graphs on a GPU and run as they are on CPU (see graphs.py); the step
+        runs in the products' mode, whichever it is."""
         self.model = model.eval()
         self.compact_beams = compact_beams
-        self.reference_shapes = reference_shapes
+        try:
+            self.products = resolve_products(products, device.type)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
+        self._invariant = _invariant_kernels(device) if self.products == "invariant" else None
         self.static_decoder = StaticDecoder(self.model) if cuda_graphs else None
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -121,7 +129,7 @@ class FlorenceModel:
         device: str = "auto",
         dtype: str = "auto",
         allow_pickle: bool = False,
-        reference_shapes: bool = True,
+        products: str = "auto",
         cuda_graphs: bool = False,
     ) -> FlorenceModel:
         """Load a native or original-format checkpoint from a folder or the Hub."""
@@ -131,7 +139,7 @@ class FlorenceModel:
         loaded, processor = load_checkpoint(folder, torch_dtype, allow_pickle)
         return cls(
             loaded.to(torch_device), processor, torch_device, torch_dtype,
-            reference_shapes=reference_shapes, cuda_graphs=cuda_graphs,
+            products=products, cuda_graphs=cuda_graphs,
         )  # fmt: skip
 
     # -- images -------------------------------------------------------------------------------
@@ -149,18 +157,21 @@ class FlorenceModel:
             batch = batch.pin_memory()
         batch = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).long()  # B, 3, H, W
         channels = torch.arange(3, device=self.device).view(1, 3, 1, 1)
-        return self._pixel_lut[channels, batch].to(self.dtype)
+        # In the processor's layout (B, 3, H, W contiguous), not the channels-last one the lookup gives:
+        # convolutions pick their kernel by layout, and in fp16 a channels-last batch rounded otherwise.
+        return self._pixel_lut[channels, batch].to(self.dtype).contiguous()
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected image features (B, image tokens, d_model) — the same call the model makes.
 
-        The vision tower sees one image at a time, as in the reference, unless ``reference_shapes``
-        is off on CUDA: its convolutions round differently with the batch size (by ~1e-6 on CPU,
-        which flipped beam-search answers of base-size models).
+        The vision tower sees one image at a time, as in the reference, unless products are batched
+        on CUDA: its convolutions round differently with the batch size (by ~1e-6 on CPU, which
+        flipped beam-search answers of base-size models). It runs once per image, not once per token,
+        so batch-invariant products keep it per image too.
         """
         vision = self.model.model.get_image_features
         with torch.inference_mode():
-            if self.device.type == "cpu" or self.reference_shapes:
+            if self.device.type == "cpu" or self.products != "batched":
                 return torch.cat(
                     [vision(pixel_values[i : i + 1]).pooler_output for i in range(len(pixel_values))]
                 )
@@ -195,8 +206,9 @@ class FlorenceModel:
                 f"--max-new-tokens {max_new_tokens} is more than this model generates ({self.positions})"
             )
         for request in requests:
-            texts = request.classes or ([request.text] if request.text is not None else [])
-            for text in texts:
+            for text in request.classes or [request.text]:
+                if text is None and request.task.needs_text:
+                    continue  # given per image: checked as each image's prompt is built
                 try:
                     self.prompt_ids(task_prompt(request.task, text))
                 except ValueError as exc:
@@ -214,7 +226,7 @@ class FlorenceModel:
         """Generate one answer per (image features, prompt) row; ``with_scores`` (for all rows, or one
         flag per row) adds the model's log-probability of each generated token (see ``token_logprobs``)."""
         scored = [with_scores] * len(prompts) if isinstance(with_scores, bool) else list(with_scores)
-        if not self.reference_shapes:
+        if self.products != "per-image":  # the invariant kernels' sums ignore padding
             return self._generate(features, prompts, generation, scored)
         # Prompts of one length per batch: padding would lengthen the attention's sums.
         by_length: dict[int, list[int]] = {}
@@ -240,18 +252,19 @@ class FlorenceModel:
             [[1] * len(i) + [0] * (length - len(i)) for i in ids], device=self.device
         )
         language = self.model.model.language_model
-        with self._shapes(1, language.encoder):  # one prompt
+        with self._kernels(1, language.encoder):  # one prompt
             encoder_outputs = self._encode(input_ids, attention_mask, features)
-        # Per-image shapes make each row this image's own encoder states, bit for bit: scoring reuses them.
-        # (Kept aside: generate expands the outputs' tensors to one row per beam in place.)
-        encoder_states = encoder_outputs.last_hidden_state if self.reference_shapes else None
+        # Per-image shapes and invariant kernels make each row this image's own encoder states, bit for
+        # bit, up to its prompt's length: scoring reuses them. (Kept aside: generate expands the
+        # outputs' tensors to one row per beam in place.)
+        encoder_states = encoder_outputs.last_hidden_state if self.products != "batched" else None
         if self.compact_beams:
             generation = {**generation, "custom_generate": compacting_beam_search}
             if self.static_decoder is not None:
                 generation["static_decoder"] = self.static_decoder
         config = self.generation_config
         beams = max(generation.get("num_beams") or config.num_beams or 1, config.num_return_sequences or 1)
-        with self._shapes(beams, language.decoder, self.model.lm_head):  # one image's beams
+        with self._kernels(beams, language.decoder, self.model.lm_head):  # one image's beams
             output = self.model.generate(
                 encoder_outputs=encoder_outputs, attention_mask=attention_mask, **generation
             )
@@ -260,7 +273,7 @@ class FlorenceModel:
         for row, sequence in enumerate(output.tolist()):
             sequence = _until_eos(sequence, eos)
             text = self.tokenizer.decode(sequence, skip_special_tokens=False)
-            states = None if encoder_states is None else encoder_states[row : row + 1]
+            states = None if encoder_states is None else encoder_states[row : row + 1, : len(ids[row])]
             scores = (
                 self.token_logprobs(ids[row], features[row : row + 1], sequence, encoder_states=states)
                 if scored[row]
@@ -293,8 +306,13 @@ class FlorenceModel:
         logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1:, None])
         return logprobs.flatten().tolist()
 
-    def _shapes(self, rows: int, *modules):
-        return reference_shapes(rows, *modules) if self.reference_shapes else contextlib.nullcontext()
+    def _kernels(self, rows: int, *modules):
+        """The products' mode over ``modules`` (``rows``: one image's rows, for per-image shapes)."""
+        if self.products == "per-image":
+            return reference_shapes(rows, *modules)
+        if self.products == "invariant":
+            return self._invariant.batch_invariant(*modules)
+        return contextlib.nullcontext()
 
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, features: torch.Tensor):
         """The language encoder over prompt tokens with the image features in the ``<image>`` slots."""
@@ -303,6 +321,23 @@ class FlorenceModel:
         image_mask = model.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
         embeds = embeds.masked_scatter(image_mask, features.to(embeds.device, embeds.dtype))
         return model.model.language_model.encoder(attention_mask=attention_mask, inputs_embeds=embeds)
+
+
+def _invariant_kernels(device: torch.device):
+    """The batch-invariant kernels' module, where they can run: CUDA, or a CPU under Triton's
+    interpreter (tests); otherwise a ``ModelLoadError`` saying what to do instead."""
+    elsewhere = (
+        f"--products invariant runs on CUDA, not {device.type} (on CPU, per-image products are "
+        "independent of the batch too, and bit-identical to the reference)"
+    )
+    try:
+        from . import invariant
+    except ImportError as exc:
+        on_cuda = f"--products invariant needs Triton (pip install triton): {exc}"
+        raise ModelLoadError(on_cuda if device.type == "cuda" else elsewhere) from None
+    if device.type != "cuda" and not invariant.INTERPRETED:
+        raise ModelLoadError(elsewhere)
+    return invariant
 
 
 def _until_eos(sequence: list[int], eos: int) -> list[int]:

@@ -41,6 +41,7 @@ def microsoft_added_tokens() -> list[str]:
     locations = [f"<loc_{i}>" for i in range(1000)]
     return TASK_TOKENS_BEFORE_LOCATIONS + locations + TASK_TOKENS_AFTER_LOCATIONS
 
+
 # Microsoft's remote code generates through its language model, whose generation settings come from
 # text_config; transformers 5's BartConfig drops most of them, so they are carried over by hand.
 GENERATION_FIELDS = (
@@ -365,10 +366,15 @@ def _tokenizer(folder: Path, image_id: int):
     tokenizer = BartTokenizer(
         tokenizer_object=tokenizer.backend_tokenizer, model_specific_special_tokens=image
     )
-    first = image_id + 1 - len(added)
-    if tokenizer.convert_tokens_to_ids(added) != list(range(first, image_id + 1)):
+    # Microsoft's tokens in Microsoft's order after BART's vocabulary; a fine-tune's own tokens (say,
+    # prompts of its own) after them; <image> last, at config.json's vocab_size.
+    ids = tokenizer.convert_tokens_to_ids(added)
+    microsoft = list(range(ids[0], ids[0] + len(added) - 1))
+    if ids[:-1] != microsoft or ids[-1] != image_id or len(tokenizer) != image_id + 1:
         raise OriginalCheckpointError(
-            f"{folder}: the tokenizer's base vocabulary must have {first} tokens to match config.json"
+            f"{folder}: the tokenizer must hold BART's vocabulary, then Florence-2's {len(microsoft)} tokens "
+            f"in Microsoft's order, then any tokens a fine-tune added: {image_id} tokens in all, to match "
+            f"config.json's vocab_size (it holds {len(tokenizer) - 1})"
         )
     prompt = "What does the image describe?"
     ids = tokenizer(prompt, add_special_tokens=False).input_ids

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from .formats.coco import write_coco
-from .journal import Journal
+from .journal import AnswerReader, Journal
 from .tasks import Task
 from .writers import atomic_writer, text_path
 
@@ -88,15 +88,20 @@ class OutputFolder:
         with atomic_writer(self.text_path(task, name)) as file:
             file.write(text)
 
-    def write_coco_files(self, tasks: list[tuple[Task, list[str] | None]], model_name: str) -> dict[str, int]:
-        """Rebuild the COCO file of each (task, its classes or None) from everything the journal holds,
-        sorted once for all of them; returns each file's number of images."""
+    def write_coco_files(
+        self, tasks: list[tuple[Task, list[str] | None]], model_name: str, answers: AnswerReader | None = None
+    ) -> dict[str, int]:
+        """Rebuild the COCO file of each (task, its classes or None) from everything the journal holds
+        (``answers``: a reader of the journal sorted already, else it is sorted once for all of them);
+        returns each file's number of images."""
+        if answers is None:
+            with self.journal.sorted() as reader:
+                return self.write_coco_files(tasks, model_name, reader)
         written = {}
-        with self.journal.sorted() as answers:
-            for task, classes in tasks:
-                path = self.path / f"{task.slug}.json"
-                info = {"description": f"florence-cli {task.name}", "task": task.name, "model": model_name}
-                written[path.name] = write_coco(path, task, lambda t=task: answers(t.name), info, classes)
+        for task, classes in tasks:
+            path = self.path / f"{task.slug}.json"
+            info = {"description": f"florence-cli {task.name}", "task": task.name, "model": model_name}
+            written[path.name] = write_coco(path, task, lambda t=task: answers(t.name), info, classes)
         return written
 
     def log_error(self, record: dict) -> None:

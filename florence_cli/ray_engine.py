@@ -19,7 +19,7 @@ import pickle
 import socket
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -241,8 +241,11 @@ class RayEngine:
         """Annotate every image under ``inputs`` into ``output``, as ``Annotator.run`` does (``options``:
         ``text``, ``stdin_lines``, ``on_error``, ``overwrite``, ``jsonl``, ``progress``, ``shard``)."""
         try:
-            self.connect()
-            return run_into(output, inputs, tasks, self.config, self, **options)
+            placement = self.connect()
+            model = self.config.model  # the summary names the mode auto comes to on the replicas' device
+            products = model.products_on("cuda" if placement.replica_gpus else "cpu")
+            config = replace(self.config, model=replace(model, products=products))
+            return run_into(output, inputs, tasks, config, self, **options)
         finally:
             if isinstance(output, OutputFolder):
                 output.close()

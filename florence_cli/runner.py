@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .captions import CaptionClash, CaptionFiles, caption_task, metadata_folder
 from .config import RunConfig
 from .discover import Duplicate, ImageRef, InputError, discover, printable
 from .engine import Engine, ItemResult
@@ -47,6 +48,9 @@ class RunSummary:
     failures: list[ImageFailure] = field(default_factory=list)  # the first few, for display
     stopped_by: int | None = None  # the signal that stopped the run (SIGPIPE: standard output closed)
     output_error: str | None = None  # why the output folder could not be written
+    captions_kept: int = 0  # caption files not florence-cli's (or edited since), left as they were
+    kept_captions: list[str] = field(default_factory=list)  # the first few, for display
+    products: str | None = None  # how the model's products met the batch (config.PRODUCTS)
 
     @property
     def images_per_second(self) -> float:
@@ -70,10 +74,16 @@ class RunSummary:
         if self.stopped_by:
             return f"interrupted: {done}; run the same command to finish"
         duplicates = f", {self.duplicates} found twice (annotated once)" if self.duplicates else ""
+        kept = (
+            f", {self.captions_kept} caption files kept as they were (not written by florence-cli, or "
+            "edited since; --overwrite-captions replaces them)"
+            if self.captions_kept else ""
+        )  # fmt: skip
+        products = f", {self.products} products" if self.products else ""
         return (
             f"{self.images} images: {self.annotated} annotated, {self.skipped} already done, "
             f"{self.failed} failed{duplicates}, {self.answers} answers in {self.seconds:.1f} s "
-            f"({self.images_per_second:.2f} images/s)"
+            f"({self.images_per_second:.2f} images/s{products}){kept}"
         )
 
 
@@ -93,8 +103,37 @@ def run(
     """Annotate every image under ``inputs`` with ``requests`` into ``config.output``, resuming earlier
     work there, with ``engine`` answering; the one driver of local and Ray runs. ``folder``: the output
     folder, if already opened (the CLI opens it before a model loads)."""
+    inputs = list(inputs)
     folder = folder or OutputFolder(config.output, config.settings(), config.overwrite)
-    return _Run(requests, folder, config, on_error).execute(inputs, stdin_lines, engine)
+    try:
+        captions = _caption_files(inputs, requests, config, folder)
+    except BaseException:
+        folder.close()
+        raise
+    return _Run(requests, folder, config, on_error, captions).execute(inputs, stdin_lines, engine)
+
+
+def _caption_files(
+    inputs: list[str], requests: list[TaskRequest], config: RunConfig, folder: OutputFolder
+) -> CaptionFiles | None:
+    """The run's caption files, if asked for; two images that would share a sidecar are refused here,
+    before any image is read (paths on standard input are checked as they come)."""
+    options = config.captions
+    task = caption_task(options, [request.task for request in requests])
+    if task is None:
+        return None
+    root = metadata_folder(inputs) if options.hf_metadata else None
+    captions = CaptionFiles(options, task, folder.state, root)
+    if options.sidecars and "-" not in inputs:
+        try:
+            for found in discover(inputs):
+                if isinstance(found, ImageRef):
+                    captions.claim(found)
+        except CaptionClash:
+            captions.close()
+            raise
+        captions.claimed_ahead = True
+    return captions
 
 
 def run_into(
@@ -125,12 +164,16 @@ class _Run:
         folder: OutputFolder,
         config: RunConfig,
         on_error: Callable[[ImageFailure], None] | None,
+        captions: CaptionFiles | None = None,
     ):
         self.requests = requests
+        self.captions = captions
         self.folder = folder
         self.config = config
         self.on_error = on_error
-        self.summary = RunSummary(damaged_journal_lines=folder.journal.damaged_lines)
+        self.summary = RunSummary(
+            damaged_journal_lines=folder.journal.damaged_lines, products=config.model.products
+        )
         self.sink = JsonlSink(config.jsonl) if config.jsonl else None
         self.bar = _progress_bar(config.progress)
 
@@ -184,6 +227,8 @@ class _Run:
             if isinstance(found, InputError):
                 self.fail(ImageFailure(found.path, found.reason))
                 continue
+            if not self._claim_caption(found):
+                continue
             planned, failures = plan_jobs(found, self.requests)
             for failure in failures:
                 self.fail(failure)
@@ -192,10 +237,45 @@ class _Run:
                 key = work_key(found, job.identity())
                 if key not in self.folder.journal.done:
                     jobs.append(replace(job, key=key, text=self._chained_text(found.name, job)))
+                elif self.captions and self.captions.options.sidecars and job.task == self.captions.task:
+                    self._caption_done_image(found)
             if jobs:
                 yield WorkItem(found.path, found.name, found.order, tuple(jobs))
             elif not failures:
                 self.summary.skipped += 1
+
+    def _claim_caption(self, image: ImageRef) -> bool:
+        """Paths read from standard input were not checked ahead: the second image of a pair that would
+        share a sidecar fails, and the first keeps its caption."""
+        if not self.captions or not self.captions.options.sidecars or self.captions.claimed_ahead:
+            return True
+        try:
+            self.captions.claim(image)
+        except CaptionClash as exc:
+            self.fail(ImageFailure(image.name, str(exc)))
+            return False
+        return True
+
+    def _caption_done_image(self, image: ImageRef) -> None:
+        """An image answered by an earlier run gets its sidecar too (say, on the first run with
+        --sidecar, or with another --prefix), from the answer's text file."""
+        source = self.folder.text_path(self.captions.task, image.name)
+        try:
+            text = source.read_text(encoding="utf-8")
+        except OSError:
+            return  # its text file is gone: the sidecar of a later rerun with --overwrite
+        try:
+            self.captions.write_sidecar(image, text)
+        except OSError as exc:
+            self._cannot_write_for(image.name, exc)
+
+    def _cannot_write_for(self, name: str, exc: OSError) -> None:
+        """A write error while writing an image's files: the image fails, or the run stops when the
+        error is the whole folder's."""
+        if stops_the_run(exc):
+            raise _OutputStopped(_cannot_write(exc.filename or self.folder.path, exc)) from exc
+        where = exc.filename if isinstance(exc.filename, str) else name
+        self.fail(ImageFailure(name, _cannot_write(where, exc)))
 
     def _chained_text(self, name: str, job: Job) -> str | None:
         """A chained job's text when its source answer was written by an earlier run."""
@@ -216,11 +296,10 @@ class _Run:
                 for answer in result.answers:
                     if not answer.task.writes_coco:
                         self.folder.write_text(answer.task, result.item.name, answer.text)
+                    if self.captions and self.captions.options.sidecars and answer.task == self.captions.task:
+                        self.captions.write_sidecar(result.item, answer.text)
             except OSError as exc:
-                if stops_the_run(exc):
-                    raise _OutputStopped(_cannot_write(self.folder.path, exc)) from exc
-                where = exc.filename if isinstance(exc.filename, str) else result.item.name
-                self.fail(ImageFailure(result.item.name, _cannot_write(where, exc)))
+                self._cannot_write_for(result.item.name, exc)
                 continue
             answered += 1
             for job, answer in zip(result.item.jobs, result.answers, strict=True):
@@ -251,10 +330,17 @@ class _Run:
             self.sink.close()
         coco = [(r.task, list(r.classes) or None) for r in self.requests if r.task.writes_coco]
         try:
-            self.folder.write_coco_files(coco, self.config.model.name)
+            with self.folder.journal.sorted() as answers:
+                self.folder.write_coco_files(coco, self.config.model.name, answers)
+                if self.captions and self.captions.metadata_root:
+                    self.captions.write_metadata(answers(None))
         except OSError as exc:
-            self.summary.output_error = _cannot_write(self.folder.path, exc)
+            self.summary.output_error = _cannot_write(exc.filename or self.folder.path, exc)
         finally:
+            if self.captions:
+                self.captions.close()
+                self.summary.captions_kept = self.captions.kept_count
+                self.summary.kept_captions = self.captions.kept
             self.folder.close()
 
 

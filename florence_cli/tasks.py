@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -35,16 +36,17 @@ class Task:
     parse_type: str  # transformers' post-processing type for this task (parse.PARSERS)
     summary: str
     per_class: bool = False  # takes --classes: one query per class name
+    prompt: str | None = None  # a free prompt (--prompt): sent as written, answered as text
 
     @property
     def token(self) -> str:
-        """The task token the model is prompted with, e.g. ``<OD>``."""
-        return f"<{self.name}>"
+        """What the model is prompted with: the task token, e.g. ``<OD>``, or the free prompt."""
+        return self.prompt if self.prompt is not None else f"<{self.name}>"
 
     @property
     def slug(self) -> str:
-        """The lowercase name used for output files, e.g. ``od``."""
-        return self.name.lower()
+        """The lowercase name used for output files, e.g. ``od``, or ``prompt-<slug>`` for a free prompt."""
+        return prompt_slug(self.prompt) if self.prompt is not None else self.name.lower()
 
     @property
     def needs_text(self) -> bool:
@@ -93,8 +95,42 @@ class TaskError(ValueError):
     """A task name or task text that cannot be used."""
 
 
+PROMPT_PREFIX = "prompt:"  # a free prompt's task name: the prefix, then the prompt as written
+_SLUG_LENGTH = 48
+_PROMPT_TOKEN = re.compile(r"<[A-Z0-9_]+>")
+
+
+def prompt_task(prompt: str) -> Task:
+    """The task that sends ``prompt`` to the model as written, as fine-tuned captioners are prompted
+    (e.g. PromptGen's ``<GENERATE_TAGS>``), and answers text: what the processor does with a prompt
+    outside Microsoft's table (passed through, answer post-processed as ``pure_text``)."""
+    if not prompt.strip():
+        raise TaskError("--prompt needs a prompt, got an empty one")
+    for task in TASKS.values():
+        if task.token in prompt:
+            raise TaskError(
+                f"--prompt {prompt!r} holds the task token {task.token}, which the processor rewrites: "
+                f"use -t {task.name}"
+            )
+    name = PROMPT_PREFIX + prompt
+    return Task(name, Output.TEXT, TextInput.NONE, "pure_text", "free prompt", prompt=prompt)
+
+
+def prompt_slug(prompt: str) -> str:
+    """A free prompt's folder name: a prompt token such as ``<GENERATE_TAGS>`` gives
+    ``prompt-generate_tags``; any other prompt its words, lowercase and cut short, and a digest of the
+    whole prompt, so that two prompts never share a folder."""
+    if _PROMPT_TOKEN.fullmatch(prompt):
+        return f"prompt-{prompt[1:-1].lower()}"
+    words = re.sub(r"[^0-9a-z_]+", "-", prompt.lower()).strip("-")[:_SLUG_LENGTH].rstrip("-")
+    digest = hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:8]
+    return f"prompt-{words}-{digest}" if words else f"prompt-{digest}"
+
+
 def resolve_task(name: str) -> Task:
-    """Find a task by name, accepting ``OD``, ``od`` and ``<OD>``."""
+    """Find a task by name, accepting ``OD``, ``od`` and ``<OD>`` (and ``prompt:TEXT``, a free prompt)."""
+    if name.startswith(PROMPT_PREFIX):
+        return prompt_task(name[len(PROMPT_PREFIX) :])
     key = name.strip().strip("<>").upper()
     if key not in TASKS:
         raise TaskError(f"unknown task {name!r}; see `florence tasks` for the {len(TASKS)} tasks")

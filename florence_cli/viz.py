@@ -32,6 +32,9 @@ FONT_NAMES = (
     "Arial Unicode.ttf",
     "Arial.ttf",
 )
+# A private-use code point no font maps: it draws the font's missing-glyph box (.notdef).
+UNMAPPED = "\U0010fffd"
+GLYPH_CHECK_SIZE = 16
 THUMBNAIL_DIR = "_thumbs"
 THUMBNAIL_SIZE = 256
 POLYGON_FILL_ALPHA = 64
@@ -45,6 +48,7 @@ class VizResult:
     output: str | None = None
     objects: int = 0
     error: str | None = None
+    missing_glyphs: str = ""  # characters of its labels and texts the font draws as empty boxes
 
 
 @lru_cache(maxsize=1)
@@ -63,6 +67,30 @@ def load_font(size: int, path: Path | None = None) -> Font:
     """``path`` at ``size`` pixels, else an installed Unicode font, else Pillow's own scalable font."""
     file = str(path) if path else _installed_font()
     return ImageFont.truetype(file, size) if file else ImageFont.load_default(size=size)
+
+
+def font_description(path: Path | None = None) -> str:
+    """The font :func:`load_font` uses for ``path``, in words."""
+    return str(path or _installed_font() or "Pillow's built-in font")
+
+
+@lru_cache(maxsize=8192)
+def _glyph(font: Font, char: str) -> tuple[tuple[float, ...], bytes]:
+    mask = font.getmask(char)
+    return font.getbbox(char), bytes(mask)
+
+
+def missing_glyphs(font: Font, text: str) -> str:
+    """The characters of ``text`` that ``font`` has no glyph for, in code point order.
+
+    A character is missing when it renders exactly as a code point no font maps (the .notdef
+    box); spaces and control characters are never drawn, so never missing.
+    """
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        return ""
+    notdef = _glyph(font, UNMAPPED)
+    drawn = {char for char in text if char.isprintable() and not char.isspace()}
+    return "".join(sorted(char for char in drawn if _glyph(font, char) == notdef))
 
 
 def category_colours(categories: Sequence[Category]) -> dict[int, RGB]:
@@ -228,10 +256,11 @@ def render_image(
     annotations: Sequence[Annotation],
     colours: dict[int, RGB],
     images_dir: Path,
-    text_dirs: Sequence[Path] = (),
+    texts: Sequence[str] = (),
     font_path: Path | None = None,
 ) -> Image.Image:
-    """Read one image (EXIF orientation applied, as the annotator does) and draw on it.
+    """Read one image (EXIF orientation applied, as the annotator does) and draw on it, ``texts`` in a
+    band underneath.
 
     Raises ValueError when the image's size is not the one recorded in the COCO file.
     """
@@ -241,9 +270,7 @@ def render_image(
             f"is {image.width}x{image.height} but the COCO file says {record.width}x{record.height}"
         )
     font = load_font(_sizes(image)[0], font_path)
-    return add_text_band(
-        draw_annotations(image, annotations, colours, font), read_texts(record.file_name, text_dirs), font
-    )
+    return add_text_band(draw_annotations(image, annotations, colours, font), texts, font)
 
 
 def render_viz(
@@ -257,20 +284,23 @@ def render_viz(
     """Draw every image of ``dataset`` into ``out_dir`` (same relative paths), yielding each outcome.
 
     With ``html_index``, thumbnails go to ``out_dir/_thumbs`` and, once every image is done,
-    ``out_dir/index.html`` links them.
+    ``out_dir/index.html`` links them. Each outcome names the characters the font lacks.
     """
     colours = category_colours(dataset.categories)
+    check_font = load_font(GLYPH_CHECK_SIZE, font_path)  # a glyph is missing at every size or none
     results = []
     for record in dataset.images:
         annotations = dataset.annotations_by_image[record.id]
         try:
-            drawn = render_image(record, annotations, colours, images_dir, text_dirs, font_path)
+            texts = read_texts(record.file_name, text_dirs)
+            drawn = render_image(record, annotations, colours, images_dir, texts, font_path)
             name = output_name(record.file_name)
             _save(drawn, out_dir / name)
             if html_index:
                 drawn.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
                 _save(drawn, out_dir / THUMBNAIL_DIR / name)
-            result = VizResult(record.file_name, name, len(annotations))
+            missing = missing_glyphs(check_font, "".join([*map(_caption, annotations), *texts]))
+            result = VizResult(record.file_name, name, len(annotations), missing_glyphs=missing)
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             result = VizResult(
                 record.file_name, error=f"{images_dir / record.file_name}: {describe_error(error)}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,14 @@ import pytest
 from PIL import Image
 
 from florence_cli.testing.tiny import build_random, make_tiny_model, tilt_towards_eos
+
+
+def pytest_configure(config):
+    # Triton's kernels run on CPU tensors under its interpreter, and whether a kernel is interpreted is
+    # fixed when it is defined: the invariant kernels' tests need this before any test module imports
+    # triton (loading a transformers model does). Nothing else here runs Triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 # Short generations keep the suite fast; equality with the reference does not depend on length.
 MAX_NEW_TOKENS = 24
@@ -72,22 +81,31 @@ class Reference:
     """The plain transformers loop the product must equal: one image at a time, processor →
     ``generate`` → ``batch_decode`` → ``post_process_generation``."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, dtype=None):
         from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
         self.processor = AutoProcessor.from_pretrained(model_dir)
-        self.model = Florence2ForConditionalGeneration.from_pretrained(model_dir).eval()
+        self.model = Florence2ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
 
-    def run(self, image: Image.Image, prompt: str, max_new_tokens: int = MAX_NEW_TOKENS, num_beams: int = 3):
+    def run(
+        self,
+        image: Image.Image,
+        prompt: str,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        num_beams: int = 3,
+        task: str | None = None,
+    ):
+        """``task``: what post-processing is told (default: the prompt's task token; a free prompt's own
+        text, as a user of a fine-tune passes it)."""
         import torch
 
-        inputs = self.processor(text=prompt, images=image, return_tensors="pt")
+        inputs = self.processor(text=prompt, images=image, return_tensors="pt").to(self.model.dtype)
         with torch.inference_mode():
             ids = self.model.generate(
                 **inputs, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False
             )
         raw = self.processor.batch_decode(ids, skip_special_tokens=False)[0]
-        task = prompt[: prompt.index(">") + 1]
+        task = task or prompt[: prompt.index(">") + 1]
         return raw, self.processor.post_process_generation(raw, task=task, image_size=image.size)[task]
 
 

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from florence_cli.cli import main
+from florence_cli.config import PRODUCTS
 
 from .conftest import MAX_NEW_TOKENS, random_image, write_images
 from .helpers import kill_mid_run, output_files, read_jsonl
@@ -230,20 +231,42 @@ def test_hub_id_loads_from_the_offline_cache(tiny_model, folder, tmp_path, monke
 
 
 def test_batched_products_flag_is_a_setting_of_the_output_folder(tiny_model, folder, tmp_path):
-    """Exact (per-image) products are the default; the opt-in is recorded, and resuming a folder in
-    the other mode is refused rather than mixing answers made both ways."""
+    """Per-image products are CPU's default; batched ones are recorded, as before the modes existed, and
+    resuming a folder in the other kind of mode is refused rather than mixing answers made both ways.
+    The summary names the mode."""
     out = tmp_path / "out"
     fast = _annotate(
         tiny_model, str(folder), "-t", "OD", "-o", str(out), "--workers", "0", "--batched-products"
     )
     assert fast.exit_code == 0, fast.output
+    assert "batched products" in fast.stderr
     assert json.loads((out / ".florence" / "settings.json").read_text())["exact"] is False
     exact = _annotate(tiny_model, str(folder), "-t", "OD", "-o", str(out), "--workers", "0")
     assert exact.exit_code == 2 and "other settings" in exact.stderr
+    same = _annotate(tiny_model, str(folder), "-t", "OD", "-o", str(out), "--products", "batched")
+    assert same.exit_code == 0 and "5 already done" in same.stderr  # the long flag's folder is the same
     fresh = _annotate(tiny_model, str(folder), "-t", "OD", "-o", str(tmp_path / "exact"), "--workers", "0")
-    assert fresh.exit_code == 0 and "exact" not in json.loads(
-        (tmp_path / "exact" / ".florence" / "settings.json").read_text()
-    )
+    assert fresh.exit_code == 0 and "per-image products" in fresh.stderr
+    assert "exact" not in json.loads((tmp_path / "exact" / ".florence" / "settings.json").read_text())
+    both = _annotate(tiny_model, str(folder), "-t", "OD", "-o", str(tmp_path / "x"), "--products",
+                     "invariant", "--batched-products")  # fmt: skip
+    assert both.exit_code == 2 and "--batched-products contradicts --products invariant" in both.stderr
+
+
+def test_products_auto_is_per_image_on_cpu_and_invariant_on_cuda():
+    """Only batch-dependent answers set a folder apart: per-image and invariant answers differ in rounding
+    alone, as a CPU's and a GPU's do, and the folder records neither the device nor those modes."""
+    from florence_cli.config import ModelConfig, RunConfig
+
+    assert ModelConfig().products_on("cpu") == "per-image"
+    assert ModelConfig().products_on("cuda") == "invariant"
+    assert ModelConfig(products="batched").products_on("cuda") == "batched"
+    with pytest.raises(ValueError, match="unknown products 'exact'"):
+        ModelConfig(products="exact").products_on("cpu")
+    settings = {mode: RunConfig(ModelConfig(products=mode)).settings() for mode in PRODUCTS}
+    assert settings["batched"]["exact"] is False
+    assert settings["auto"] == settings["per-image"] == settings["invariant"]
+    assert "exact" not in settings["auto"]
 
 
 def test_cuda_graphs_flag_runs_the_static_steps_on_cpu_and_is_a_setting(

@@ -115,11 +115,11 @@ def test_batched_logits_equal_the_one_image_logits_bit_for_bit(florence_model, p
     model.compact_beams = False  # rows stay where they are, so step t of image i is rows 3i..3i+2
     try:
         batched = lm_head_outputs(model, features, prompt, settings)
-        model.reference_shapes = False  # batched products; and, for one image, the reference's own calls
+        model.products = "batched"  # batched products; and, for one image, the reference's own calls
         batched_products = lm_head_outputs(model, features, prompt, settings)
         alone = [lm_head_outputs(model, features[i : i + 1], prompt, settings) for i in range(len(features))]
     finally:
-        model.compact_beams, model.reference_shapes = True, True
+        model.compact_beams, model.products = True, "per-image"
     differs = False
     assert bool(in_blocks) == (threads == "for every product")
     for image in range(len(features)):

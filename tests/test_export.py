@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from florence_cli.cli.tools import export
 from florence_cli.formats import FormatError, export_files
-from florence_cli.formats.coco import from_coco
+from florence_cli.formats.coco import Annotation, ImageRecord, from_coco
 from florence_cli.formats.labelstudio import from_labelstudio
-from florence_cli.formats.voc import from_voc
+from florence_cli.formats.voc import from_voc, truncated
 from florence_cli.formats.yolo import from_yolo
 
 CATEGORIES = [{"id": 7, "name": "car"}, {"id": 3, "name": "café"}, {"id": 9, "name": "text"}]
@@ -91,8 +91,11 @@ def test_yolo_reader_rejects_unknown_class():
         from_yolo("5 0.5 0.5 0.1 0.1\n", dataset().images[0], dataset().categories)
 
 
-def test_labelstudio_tasks_have_the_documented_shape():
-    data = dataset([*BOXES, {**POLYGONS[1], "id": 4}])
+@pytest.mark.parametrize("polygons", [False, True])
+def test_labelstudio_tasks_have_the_documented_shape(polygons):
+    annotations = [*BOXES, {**POLYGONS[1], "id": 4}] if polygons else BOXES
+    kind = "polygonlabels" if polygons else "rectanglelabels"  # one region type per file
+    data = dataset(annotations)
     tasks = json.loads(export_files(data, "labelstudio", image_root="/data/local-files/?d=")["tasks.json"])
     assert isinstance(tasks, list) and len(tasks) == 2
     assert [task["data"]["image"] for task in tasks] == [
@@ -116,6 +119,7 @@ def test_labelstudio_tasks_have_the_documented_shape():
             assert result["to_name"] == "image" and isinstance(result["id"], str)
             assert (result["original_width"], result["original_height"]) == (image["width"], image["height"])
             assert 0 <= result.get("score", 0) <= 1
+            assert result["type"] in (kind, "textarea")
             value = result["value"]
             if result["type"] == "rectanglelabels":
                 assert result["from_name"] == "label" and value["rotation"] == 0
@@ -134,8 +138,11 @@ def test_labelstudio_tasks_have_the_documented_shape():
     first = tasks[0]["predictions"][0]
     assert first["score"] == pytest.approx(0.9)  # the mean of the scores present
     box = first["result"][0]["value"]
-    assert box.pop("rectanglelabels") == ["car"]
-    assert box == pytest.approx({"x": 5, "y": 20, "width": 25, "height": 30, "rotation": 0})
+    assert box.pop(kind) == ["car"]
+    if polygons:  # the box's four corners, clockwise from the top left
+        assert [v for point in box["points"] for v in point] == pytest.approx([5, 20, 30, 20, 30, 50, 5, 50])
+    else:
+        assert box == pytest.approx({"x": 5, "y": 20, "width": 25, "height": 30, "rotation": 0})
 
 
 def test_labelstudio_round_trip():
@@ -175,6 +182,31 @@ def test_voc_xml_parses_back():
         for got, want in zip(read, data.annotations_by_image[image.id], strict=True):
             assert got.category_id == want.category_id
             assert got.bbox == pytest.approx(want.bbox, abs=1)
+
+
+@pytest.mark.parametrize(
+    ("bbox", "size", "expected"),
+    [
+        ((10, 10, 20, 20), (100, 100), False),
+        ((0, 10, 20, 20), (100, 100), True),  # on the left edge
+        ((10, 10, 89.5, 20), (100, 100), True),  # within a pixel of the right edge
+        ((10, 10, 20, 88), (100, 100), False),
+        ((2, 2, 3994, 1996), (4000, 2000), True),  # Florence-2's bins 0 and 999 close half a bin inside
+        ((8, 10, 20, 20), (4000, 2000), False),  # two bins in
+    ],
+)
+def test_voc_marks_boxes_at_the_border_truncated(bbox, size, expected):
+    assert truncated(Annotation(1, 1, 1, bbox, ""), ImageRecord(1, "a.jpg", *size)) is expected
+
+
+def test_unnamed_categories_take_the_task_slug_or_object():
+    data = from_coco(
+        {"images": IMAGES, "annotations": [], "categories": [{"id": 1, "name": ""}, CATEGORIES[0]]}
+    )
+    assert [c.name for c in data.named_categories.values()] == ["object", "car"]
+    data = from_coco({"info": {"task": "REGION_PROPOSAL"}, "images": IMAGES, "annotations": [],
+                      "categories": [{"id": 1, "name": ""}]})  # fmt: skip
+    assert [c.name for c in data.named_categories.values()] == ["region_proposal"]
 
 
 def test_per_image_files_that_would_collide_are_refused():

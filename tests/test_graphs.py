@@ -8,11 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from florence_cli import beam, graphs
+from florence_cli import graphs
 from florence_cli.graphs import StaticDecoder, attended_length, image_bucket
 from florence_cli.model import FlorenceModel
 
 from .conftest import random_image
+from .helpers import Steps
 
 IMAGES = 10
 SMALL_BUCKETS = (2, 4, 8)  # 10 images: 16, then 8, 4 and 2 as they finish
@@ -31,7 +32,7 @@ def exact(varied_dir):
 
 @pytest.fixture(scope="module")
 def batched(exact):
-    return FlorenceModel(exact.model, exact.processor, exact.device, exact.dtype, reference_shapes=False)
+    return FlorenceModel(exact.model, exact.processor, exact.device, exact.dtype, products="batched")
 
 
 @pytest.fixture(scope="module")
@@ -39,47 +40,6 @@ def features(exact):
     size = exact.resize_spec.size
     pixels = [np.asarray(random_image(seed).resize(size, Image.Resampling.BICUBIC)) for seed in range(IMAGES)]
     return exact.image_features(exact.pixel_values(pixels))
-
-
-class Steps:
-    """Records, while ``generate`` runs, every step's logits (plain or static) and each static step's
-    shape (rows, attended length, encoder length, masked) and position."""
-
-    def __init__(self, monkeypatch):
-        self.logits: list[torch.Tensor] = []
-        self.shapes: list[tuple] = []
-        self.positions: list[int] = []
-        for kind in (beam._CacheSteps, StaticDecoder):
-            monkeypatch.setattr(kind, "logits", self._recorded(kind.logits))
-        step = StaticDecoder._step
-
-        def recorded_step(decoder, *shape):
-            self.shapes.append(shape)
-            self.positions.append(int(decoder.buffers.position))
-            step(decoder, *shape)
-
-        monkeypatch.setattr(StaticDecoder, "_step", recorded_step)
-
-    def _recorded(self, logits):
-        def recorded(steps, flat_running):
-            found = logits(steps, flat_running)
-            self.logits.append(found)
-            return found
-
-        return recorded
-
-    def generate(self, model, features, prompt: str | list[str], settings, static=None) -> tuple[list, list]:
-        """Token ids of each answer (a prompt for all, or one per image), and the logits of each step
-        after the first (these and the static steps' shapes and positions are this generation's)."""
-        for found in (self.logits, self.shapes, self.positions):
-            found.clear()
-        prompts = [prompt] * len(features) if isinstance(prompt, str) else prompt
-        model.static_decoder = static
-        try:
-            answers = [g.token_ids for g in model.generate(features, prompts, settings)]
-        finally:
-            model.static_decoder = None
-        return answers, list(self.logits)
 
 
 def test_buckets_of_images_and_of_attended_positions():

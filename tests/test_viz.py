@@ -15,6 +15,7 @@ from florence_cli.viz import (
     category_colours,
     contact_sheet_html,
     load_font,
+    missing_glyphs,
     output_name,
     wrap_text,
 )
@@ -98,6 +99,36 @@ def test_viz_reports_malformed_json_and_size_mismatch(tmp_path):
     coco.write_text("[1, 2", encoding="utf-8")
     result = CliRunner().invoke(viz, [str(coco), "--images", str(images), "-o", str(tmp_path / "viz")])
     assert result.exit_code == 1 and result.output.startswith(f"Error: {coco}: not valid JSON")
+
+
+def builtin_font_file(folder):
+    """Pillow's own scalable font (Latin only: no CJK, not even é) as a file for --font."""
+    path = folder / "builtin.ttf"
+    path.write_bytes(ImageFont.load_default(12).path.getvalue())
+    return path
+
+
+def test_missing_glyphs_are_the_characters_drawn_as_the_notdef_box():
+    font = ImageFont.load_default(16)
+    assert missing_glyphs(font, "東京 café\tA1 0.87") == "é京東"
+    assert missing_glyphs(font, "plain ASCII, 123") == ""
+
+
+def test_viz_warns_once_naming_font_when_the_font_lacks_glyphs(tmp_path):
+    coco, images = make_inputs(tmp_path)
+    captions = tmp_path / "out" / "caption"
+    captions.mkdir(parents=True)
+    (captions / "a.png.txt").write_text("東京の写真", encoding="utf-8")
+    font = builtin_font_file(tmp_path)
+    out = tmp_path / "viz"
+    args = [str(coco), "--images", str(images), "-o", str(out), "--text-dir", str(captions)]
+    result = CliRunner().invoke(viz, [*args, "--font", str(font)])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning:")]
+    assert len(warnings) == 1  # two images lack glyphs, one warning
+    assert warnings[0].startswith(f"Warning: {font} has no glyph for 6 characters")
+    assert "(é の 京 写 東 真)" in warnings[0] and "pass --font" in warnings[0]
+    assert (out / "a.png").is_file() and (out / "sub" / "b.png").is_file()  # and kept drawing
 
 
 def test_wrap_text_fits_width_and_breaks_unspaced_text():

@@ -8,11 +8,13 @@ import os
 import re
 import signal
 import sys
+from dataclasses import replace
 from importlib import import_module
 from pathlib import Path
 
 import click
 
+from ..config import PRODUCTS
 from ..discover import printable
 from ..tasks import TaskError
 from .options import Refusal, echo_err, quiet_libraries
@@ -53,8 +55,14 @@ def _device(ctx, param, value: str) -> str:
 
 @click.command()
 @click.argument("inputs", nargs=-1, required=True)
+@click.option("-t", "--task", "tasks", multiple=True, help="Task to run (repeatable): OD, od or <OD>.")
 @click.option(
-    "-t", "--task", "tasks", multiple=True, required=True, help="Task to run (repeatable): OD, od or <OD>."
+    "--prompt",
+    "prompts",
+    multiple=True,
+    metavar="TEXT",
+    help="A prompt sent as written, answered as text (repeatable): fine-tuned captioners' own prompts, "
+    "e.g. '<GENERATE_TAGS>'. Written to OUT/prompt-<slug>/.",
 )
 @click.option(
     "--text",
@@ -126,17 +134,54 @@ def _device(ctx, param, value: str) -> str:
 )
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (they can run code).")
 @click.option(
-    "--batched-products",
+    "--products",
+    type=click.Choice(PRODUCTS),
+    default="auto",
+    show_default=True,
+    help="How the model's matrix products and attention meet the batch: per-image (bit-identical to the "
+    "one-image reference), invariant (batched; answers independent of the batch; CUDA), batched "
+    "(fastest; a near tie may depend on the images beside it); auto: per-image on CPU, invariant on "
+    "CUDA (see README).",
+)
+@click.option("--batched-products", is_flag=True, help="Short for --products batched.")
+@click.option(
+    "--sidecar", is_flag=True, help="Write each image's caption beside it: imgs/a.jpg -> imgs/a.txt."
+)
+@click.option(
+    "--sidecar-dir",
+    type=click.Path(file_okay=False),
+    help="Write the captions under this folder instead, in the images' tree (the image folder is untouched).",
+)
+@click.option(
+    "--caption-extension", default=".txt", show_default=True, help="Extension of the caption files."
+)
+@click.option(
+    "--sidecar-naming",
+    type=click.Choice(["stem", "full"]),
+    default="stem",
+    show_default=True,
+    help="stem: a.jpg -> a.txt; full: a.jpg -> a.jpg.txt (a.jpg and a.png may then share a folder).",
+)
+@click.option("--sidecar-task", help="With several text tasks: the one the captions come from.")
+@click.option("--prefix", default="", help="Text before each caption in caption files, e.g. 'ohwx person, '.")
+@click.option("--suffix", default="", help="Text after each caption in caption files.")
+@click.option(
+    "--overwrite-captions",
     is_flag=True,
-    help="Batch the model's matrix products and attention across images: faster, mostly on GPUs, but a "
-    "near tie may then be decided otherwise than by the one-image reference (see README).",
+    help="Replace caption files florence-cli did not write, or that were edited since (kept otherwise).",
+)
+@click.option(
+    "--hf-metadata",
+    is_flag=True,
+    help="Write metadata.jsonl into the input folder, for datasets.load_dataset('imagefolder', ...).",
 )
 @click.option(
     "--cuda-graphs",
     is_flag=True,
     help="Replay decoding steps from CUDA graphs over a static key/value cache (fewer kernel launches; "
-    "on CPU the same steps run uncaptured). Its attention sums over a fixed length, so a near tie may "
-    "be decided otherwise (see docs/performance.md).",
+    "on CPU the same steps run uncaptured). Works with every --products mode; its attention sums over "
+    "a fixed length, so outside invariant products a near tie may be decided otherwise (see "
+    "docs/performance.md).",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.option(
@@ -187,6 +232,8 @@ def annotate(inputs: tuple[str, ...], **flags) -> None:
         echo_err(summary.line())  # how far it got is worth saying even with -q
     elif not flags["quiet"]:
         echo_err(summary.line())
+    for path in summary.kept_captions:
+        echo_err(f"kept {printable(path)}: not written by florence-cli, or edited since")
     if summary.damaged_journal_lines:
         echo_err(
             f"note: skipped {summary.damaged_journal_lines} damaged line(s) of the journal; "
@@ -197,6 +244,7 @@ def annotate(inputs: tuple[str, ...], **flags) -> None:
 
 def _annotate(inputs: tuple[str, ...], flags: dict):
     """Everything that can be refused is refused before torch is imported; then the model loads."""
+    from ..captions import caption_task, metadata_folder
     from ..checkpoint import ModelLoadError, checkpoint_layout, locate_model
     from ..jobs import parse_requests, split_texts
     from ..outdir import OutputError, OutputFolder
@@ -204,13 +252,16 @@ def _annotate(inputs: tuple[str, ...], flags: dict):
     try:
         requests = parse_requests(
             list(flags["tasks"]), split_texts(list(flags["texts"])), flags["text_file"], flags["classes"],
-            flags["ground_from"], flags["region"],
+            flags["ground_from"], flags["region"], list(flags["prompts"]),
         )  # fmt: skip
+        captions = _caption_options(flags)
+        if caption_task(captions, [request.task for request in requests]) and captions.hf_metadata:
+            metadata_folder(list(inputs))
     except TaskError as exc:
         raise click.UsageError(str(exc)) from None
     _check_engine(flags)
     stdin_lines = _stdin_lines(inputs)
-    config = _config(flags)
+    config = replace(_config(flags), captions=captions)
     try:
         checkpoint_layout(locate_model(config.model.name, config.model.allow_pickle))
         output = OutputFolder(config.output, config.settings(), config.overwrite)
@@ -232,7 +283,7 @@ def _annotate(inputs: tuple[str, ...], flags: dict):
         workers = config.decode_workers(annotator.model.device.type)
         return annotator.run(
             inputs, output, requests, workers=workers, stdin_lines=stdin_lines, on_error=report,
-            jsonl=config.jsonl, progress=config.progress, shard=config.shard,
+            jsonl=config.jsonl, progress=config.progress, shard=config.shard, captions=config.captions,
         )  # fmt: skip
     except ModelLoadError as exc:
         output.close()
@@ -246,10 +297,14 @@ def _config(flags: dict):
     """The run the flags ask for."""
     from ..config import DEFAULT_MODEL, GenerationSettings, ModelConfig, RunConfig
 
+    products = flags["products"]
+    if flags["batched_products"]:
+        if products not in ("auto", "batched"):
+            raise click.UsageError(f"--batched-products contradicts --products {products}")
+        products = "batched"
     model = ModelConfig(
         name=flags["model"] or DEFAULT_MODEL, device=flags["device"], dtype=flags["dtype"],
-        allow_pickle=flags["allow_pickle"], exact=not flags["batched_products"],
-        cuda_graphs=flags["cuda_graphs"],
+        allow_pickle=flags["allow_pickle"], products=products, cuda_graphs=flags["cuda_graphs"],
     )  # fmt: skip
     generation = GenerationSettings(
         num_beams=flags["num_beams"], max_new_tokens=flags["max_new_tokens"],
@@ -259,6 +314,20 @@ def _config(flags: dict):
         model=model, output=Path(flags["output"]), batch_size=flags["batch_size"], generation=generation,
         min_score=flags["min_score"], workers=flags["workers"], overwrite=flags["overwrite"],
         jsonl=flags["jsonl"], progress=not flags["quiet"], shard=flags["shard"],
+    )  # fmt: skip
+
+
+def _caption_options(flags: dict):
+    """The caption files the flags ask for (``TaskError`` for an extension that cannot be one)."""
+    from ..captions import check_extension
+    from ..config import CaptionOptions
+
+    sidecar_dir = Path(flags["sidecar_dir"]) if flags["sidecar_dir"] else None
+    extension = check_extension(flags["caption_extension"])
+    return CaptionOptions(
+        sidecar=flags["sidecar"], sidecar_dir=sidecar_dir, extension=extension,
+        naming=flags["sidecar_naming"], task=flags["sidecar_task"], prefix=flags["prefix"],
+        suffix=flags["suffix"], overwrite=flags["overwrite_captions"], hf_metadata=flags["hf_metadata"],
     )  # fmt: skip
 
 

@@ -10,7 +10,9 @@ import click
 
 from ..evaluate import EvalError, evaluate, format_table, load_ground_truth
 from ..formats import EXPORTERS, CocoDataset, FormatError, export_files, load_coco, write_files
-from ..viz import load_font, render_viz
+from ..viz import font_description, load_font, render_viz
+
+MISSING_SHOWN = 12  # characters a missing-glyph warning names
 
 coco_argument = click.argument("coco_json", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 output_option = click.option(
@@ -86,6 +88,15 @@ def viz(
     failed = [result for result in results if result.error]
     for result in failed:
         click.echo(f"Failed: {result.error}", err=True)
+    missing = "".join(sorted({char for result in results for char in result.missing_glyphs}))
+    if missing:
+        shown = " ".join(missing[:MISSING_SHOWN]) + (" …" if len(missing) > MISSING_SHOWN else "")
+        click.echo(
+            f"Warning: {font_description(font)} has no glyph for {len(missing)} characters of the labels "
+            f"and texts ({shown}), drawn as empty boxes; pass --font with a font that has them "
+            "(e.g. NotoSansCJK-Regular.ttc)",
+            err=True,
+        )
     click.echo(
         f"Drew {len(results) - len(failed)} images into {output}" + (" with index.html" if html_index else "")
     )
@@ -145,7 +156,8 @@ def eval_command(
 @click.option(
     "--image-root",
     default=None,
-    help="Prefix for image references: Label Studio data.image, VOC <path> (e.g. /data/local-files/?d=).",
+    help="Prefix for image references (e.g. /data/local-files/?d=): Label Studio data.image, "
+    "before the URL-encoded file name; VOC <path>.",
 )
 def export(coco_json: Path, to: str, output: Path, image_root: str | None) -> None:
     """Convert COCO_JSON to YOLO labels + data.yaml, Label Studio tasks.json, or Pascal VOC XML."""

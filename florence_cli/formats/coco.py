@@ -12,11 +12,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..records import Answer, Instance
-from ..tasks import Task
+from ..tasks import TASKS, Task
 from ..writers import atomic_writer
 
 Box = tuple[float, float, float, float]  # x, y, width, height in pixels
 Polygon = tuple[float, ...]  # x1, y1, x2, y2, ... in pixels
+UNNAMED_CLASS = "object"  # the class of an unnamed category when the file names no task
 
 
 class FormatError(ValueError):
@@ -47,6 +48,14 @@ class Annotation:
     score: float | None = None
     segmentation: tuple[Polygon, ...] = ()
 
+    @property
+    def outlines(self) -> tuple[Polygon, ...]:
+        """The polygons, or else the box's four corners as one polygon."""
+        if self.segmentation:
+            return self.segmentation
+        x, y, w, h = self.bbox
+        return ((x, y, x + w, y, x + w, y + h, x, y + h),)
+
 
 @dataclass(frozen=True)
 class CocoDataset:
@@ -72,6 +81,26 @@ class CocoDataset:
     @cached_property
     def categories_by_id(self) -> dict[int, Category]:
         return {category.id: category for category in self.categories}
+
+    @cached_property
+    def named_categories(self) -> dict[int, Category]:
+        """Each category by id, named for formats whose classes need a name (VOC, Label Studio, YOLO).
+
+        Segmentation and region-proposal files have one category named ``''``; it takes the slug of
+        the file's task (``info.task``, e.g. ``referring_expression_segmentation``), or ``object``
+        when the file names no known task. Other names are kept.
+        """
+        task = TASKS.get(str(self.info.get("task", "")))
+        fallback = task.slug if task else UNNAMED_CLASS
+        return {
+            category.id: category if category.name else Category(category.id, fallback)
+            for category in self.categories
+        }
+
+    @cached_property
+    def has_polygons(self) -> bool:
+        """Whether any annotation has a segmentation (formats that hold one kind then write polygons)."""
+        return any(annotation.segmentation for annotation in self.annotations)
 
     @cached_property
     def annotations_by_image(self) -> dict[int, list[Annotation]]:

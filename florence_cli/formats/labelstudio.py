@@ -1,8 +1,13 @@
 """Label Studio pre-annotation tasks: one task per image, its objects as a prediction in percent coordinates.
 
 The results fit the stock image templates (``<RectangleLabels>``/``<PolygonLabels name="label"
-toName="image">``); an annotation whose text differs from its category (OCR) also gets a per-region
-``<TextArea name="transcription">`` result, as in the OCR template.
+toName="image">``), one region type per file as a control holds one: polygons when any annotation
+has a segmentation (boxes then become their four corners), else rectangles. An annotation whose
+text differs from its category (OCR) also gets a per-region ``<TextArea name="transcription">``
+result, as in the OCR template. Labels are category names (``CocoDataset.named_categories``).
+``data.image`` is ``image_root`` followed by the percent-encoded file name, as Label Studio's own
+converters write it (local-files storage decodes ``?d=``, so ``+``, ``&``, ``#`` and spaces must be
+encoded).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import json
 from collections.abc import Mapping, Sequence
 from statistics import fmean
 from typing import Any
+from urllib.parse import quote
 
 from .coco import Annotation, Box, Category, CocoDataset, FormatError, ImageRecord, Polygon, polygon_bbox
 
@@ -23,9 +29,12 @@ def _percent(value: float, size: int) -> float:
     return min(max(100.0 * value / size, 0.0), 100.0)
 
 
-def _geometries(annotation: Annotation, image: ImageRecord) -> list[tuple[str, dict[str, Any]]]:
-    """``(type, value)`` per region: one polygon per segmentation part, else the box."""
-    if annotation.segmentation:
+def _geometries(
+    annotation: Annotation, image: ImageRecord, polygons: bool
+) -> list[tuple[str, dict[str, Any]]]:
+    """``(type, value)`` per region: with ``polygons``, one per outline (segmentation part or box
+    corners), else the box."""
+    if polygons:
         return [
             (
                 "polygonlabels",
@@ -36,7 +45,7 @@ def _geometries(annotation: Annotation, image: ImageRecord) -> list[tuple[str, d
                     ]
                 },
             )
-            for polygon in annotation.segmentation
+            for polygon in annotation.outlines
         ]
     x, y, w, h = annotation.bbox
     x0, y0 = _percent(x, image.width), _percent(y, image.height)
@@ -50,9 +59,11 @@ def _geometries(annotation: Annotation, image: ImageRecord) -> list[tuple[str, d
     return [("rectanglelabels", box)]
 
 
-def _results(annotation: Annotation, category: Category, image: ImageRecord) -> list[dict[str, Any]]:
+def _results(
+    annotation: Annotation, category: Category, image: ImageRecord, polygons: bool
+) -> list[dict[str, Any]]:
     results = []
-    for part, (kind, geometry) in enumerate(_geometries(annotation, image)):
+    for part, (kind, geometry) in enumerate(_geometries(annotation, image, polygons)):
         common: dict[str, Any] = {
             "id": f"r{annotation.id}" + (f"-{part}" if part else ""),
             "to_name": TO_NAME,
@@ -65,7 +76,7 @@ def _results(annotation: Annotation, category: Category, image: ImageRecord) -> 
         results.append(
             common | {"from_name": FROM_NAME, "type": kind, "value": geometry | {kind: [category.name]}}
         )
-        if annotation.label != category.name:
+        if annotation.label and annotation.label != category.name:
             text = geometry | {"text": [annotation.label]}
             results.append(common | {"from_name": TEXT_FROM_NAME, "type": "textarea", "value": text})
     return results
@@ -77,18 +88,20 @@ def to_labelstudio(
     categories: Mapping[int, Category],
     image_root: str = "",
     model_version: str = "florence-cli",
+    polygons: bool = False,
 ) -> dict[str, Any]:
-    """One task: ``data.image`` is ``image_root + file_name``; the prediction's score is the mean score."""
+    """One task: ``data.image`` is ``image_root`` + the percent-encoded ``file_name``; the prediction's
+    score is the mean score. Regions are polygons when ``polygons``, else rectangles."""
     results = [
         result
         for annotation in annotations
-        for result in _results(annotation, categories[annotation.category_id], image)
+        for result in _results(annotation, categories[annotation.category_id], image, polygons)
     ]
     prediction: dict[str, Any] = {"model_version": model_version, "result": results}
     scores = [annotation.score for annotation in annotations if annotation.score is not None]
     if scores:
         prediction["score"] = fmean(scores)
-    return {"data": {"image": image_root + image.file_name}, "predictions": [prediction]}
+    return {"data": {"image": image_root + quote(image.file_name)}, "predictions": [prediction]}
 
 
 def _pixels(value: Mapping[str, Any], result: Mapping[str, Any]) -> tuple[Box, tuple[Polygon, ...]]:
@@ -133,7 +146,12 @@ def dataset_files(dataset: CocoDataset, image_root: str = "") -> dict[str, str]:
     model_version = str(dataset.info.get("model") or "florence-cli")
     tasks = [
         to_labelstudio(
-            image, dataset.annotations_by_image[image.id], dataset.categories_by_id, image_root, model_version
+            image,
+            dataset.annotations_by_image[image.id],
+            dataset.named_categories,
+            image_root,
+            model_version,
+            dataset.has_polygons,
         )
         for image in dataset.images
     ]

@@ -1,4 +1,11 @@
-"""Pascal VOC XML: one ``Annotations/<image path>.xml`` per image, boxes as 1-based inclusive pixels."""
+"""Pascal VOC XML: one ``Annotations/<image path>.xml`` per image, boxes as 1-based inclusive pixels.
+
+``<name>`` is the category's name; segmentation and region-proposal files, whose one category has no
+name, use their task's slug (``CocoDataset.named_categories``). ``<truncated>`` is 1 when the box
+reaches the image's border: an edge within one pixel of it, or within 1/1000 of the side on images
+over 1000 pixels (one Florence-2 location step: a box the model closes at the border ends half a
+step inside it).
+"""
 
 from __future__ import annotations
 
@@ -16,13 +23,24 @@ def _element(parent: ET.Element, tag: str, text: object = None) -> ET.Element:
     return child
 
 
+def truncated(annotation: Annotation, image: ImageRecord) -> bool:
+    """Whether the box reaches the border of ``image`` (the module docstring gives the rule)."""
+    x, y, w, h = annotation.bbox
+    near_x, near_y = max(1.0, image.width / 1000), max(1.0, image.height / 1000)
+    return x <= near_x or y <= near_y or x + w >= image.width - near_x or y + h >= image.height - near_y
+
+
 def to_voc(
     image: ImageRecord,
     annotations: Sequence[Annotation],
     categories: Mapping[int, Category],
     image_root: str = "",
 ) -> str:
-    """One image's VOC XML; ``<path>`` is ``image_root + file_name`` and ``<name>`` the category name."""
+    """One image's VOC XML; ``<path>`` is ``image_root + file_name`` and ``<name>`` the category's name.
+
+    ``categories`` should name every category (``CocoDataset.named_categories``): VOC readers refuse
+    an object without a name.
+    """
     path = PurePosixPath(image.file_name)
     root = ET.Element("annotation")
     _element(root, "folder", path.parent.as_posix() if path.parent.name else "")
@@ -40,8 +58,8 @@ def to_voc(
         obj = _element(root, "object")
         for tag, value in (("name", categories[annotation.category_id].name), ("pose", "Unspecified")):
             _element(obj, tag, value)
-        for tag in ("truncated", "difficult"):
-            _element(obj, tag, 0)
+        _element(obj, "truncated", int(truncated(annotation, image)))
+        _element(obj, "difficult", 0)
         box = _element(obj, "bndbox")
         for tag, value in (("xmin", xmin), ("ymin", ymin), ("xmax", xmax), ("ymax", ymax)):
             _element(box, tag, value)
@@ -79,7 +97,7 @@ def dataset_files(dataset: CocoDataset, image_root: str = "") -> dict[str, str]:
     paths = output_paths(dataset.images, "Annotations", ".xml")
     return {
         paths[image.id]: to_voc(
-            image, dataset.annotations_by_image[image.id], dataset.categories_by_id, image_root
+            image, dataset.annotations_by_image[image.id], dataset.named_categories, image_root
         )
         for image in dataset.images
     }

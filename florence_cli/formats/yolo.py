@@ -30,14 +30,6 @@ def _pixels(points: Sequence[float], image: ImageRecord) -> Polygon:
     return tuple(v * (image.width if i % 2 == 0 else image.height) for i, v in enumerate(points))
 
 
-def _outline(annotation: Annotation) -> Polygon:
-    """The annotation's largest polygon (YOLO holds one per object), or its box's corners."""
-    if annotation.segmentation:
-        return max(annotation.segmentation, key=polygon_area)
-    x, y, w, h = annotation.bbox
-    return (x, y, x + w, y, x + w, y + h, x, y + h)
-
-
 def to_yolo(
     image: ImageRecord, annotations: Sequence[Annotation], class_ids: dict[int, int], segments: bool
 ) -> str:
@@ -49,7 +41,8 @@ def to_yolo(
     lines = []
     for annotation in annotations:
         if segments:
-            values = _normalised(_outline(annotation), image)
+            # YOLO holds one polygon per object: the largest
+            values = _normalised(max(annotation.outlines, key=polygon_area), image)
         else:
             x, y, w, h = annotation.bbox
             x0, y0, x1, y1 = _normalised((x, y, x + w, y + h), image)
@@ -100,13 +93,14 @@ def dataset_files(dataset: CocoDataset) -> dict[str, str]:
     """``labels/<image path>.txt`` for every image plus ``data.yaml``.
 
     Every object is written as a polygon when any annotation has a segmentation (YOLO wants one
-    kind per dataset), otherwise as a box.
+    kind per dataset), otherwise as a box. Classes are named by ``CocoDataset.named_categories``.
     """
     class_ids = {category.id: index for index, category in enumerate(dataset.categories)}
-    segments = any(annotation.segmentation for annotation in dataset.annotations)
     paths = output_paths(dataset.images, "labels", ".txt")
     files = {
-        paths[image.id]: to_yolo(image, dataset.annotations_by_image[image.id], class_ids, segments)
+        paths[image.id]: to_yolo(
+            image, dataset.annotations_by_image[image.id], class_ids, dataset.has_polygons
+        )
         for image in dataset.images
     }
-    return files | {"data.yaml": data_yaml(dataset.categories)}
+    return files | {"data.yaml": data_yaml(list(dataset.named_categories.values()))}

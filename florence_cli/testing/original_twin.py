@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..checkpoint import PICKLE, SAFETENSORS
@@ -31,11 +32,14 @@ def write_original_twin(
     final_logits_bias=None,
     generation_fields: dict | None = None,
     fp16: bool = False,
+    extra_tokens: Sequence[str] = (),
 ) -> Path:
     """Write a native checkpoint in Microsoft's layout (the inverse of loading), for tests; returns ``dst``.
 
     ``tie_mode`` "shared_only" stores the embedding once, as safetensors copies do; "all_copies" stores
     all four tied names, as Microsoft's ``.bin`` does. ``generation_fields`` go into text_config.
+    ``extra_tokens`` are added after Microsoft's, with seeded random embeddings, as a fine-tune that
+    taught the model prompts of its own saves them (its tokenizer.json then lists Microsoft's tokens too).
     """
     import torch
     from safetensors.torch import save_file
@@ -44,9 +48,12 @@ def write_original_twin(
         raise ValueError(f"unknown tie_mode {tie_mode!r} or fmt {fmt!r}")
     native_folder, dst = Path(native_folder), Path(dst)
     native = _read_json(native_folder / "config.json")
-    vocab = native["image_token_id"]  # rows from <image> on are the native model's own additions
+    microsoft = native["image_token_id"]  # rows from <image> on are the native model's own additions
+    vocab = microsoft + len(extra_tokens)
     dtype = torch.float16 if fp16 else torch.float32
-    state = _original_state(native_folder, vocab, all_copies=tie_mode == "all_copies", shared=fmt == "bin")
+    state = _original_state(
+        native_folder, microsoft, len(extra_tokens), all_copies=tie_mode == "all_copies", shared=fmt == "bin"
+    )
     bias = torch.zeros(vocab) if final_logits_bias is None else torch.as_tensor(final_logits_bias)
     state[BIAS] = bias.reshape(1, vocab)
     state = {
@@ -59,7 +66,8 @@ def write_original_twin(
         save_file(state, dst / SAFETENSORS, metadata={"format": "pt"})
     config = _original_config(native, vocab, generation_fields or {}, str(dtype).removeprefix("torch."))
     _write_json(dst / "config.json", config)
-    _write_bart_tokenizer(native_folder / "tokenizer.json", dst, vocab - len(microsoft_added_tokens()))
+    base = microsoft - len(microsoft_added_tokens())
+    _write_bart_tokenizer(native_folder / "tokenizer.json", dst, base, extra_tokens, microsoft)
     image = _read_json(native_folder / "processor_config.json")["image_processor"]
     _write_json(dst / "preprocessor_config.json", {
         "auto_map": {"AutoProcessor": "processing_florence2.Florence2Processor"},
@@ -70,11 +78,13 @@ def write_original_twin(
     return dst
 
 
-def _original_state(native_folder: Path, vocab: int, *, all_copies: bool, shared: bool) -> dict:
-    """Native weights under original names, the embedding cut to ``vocab`` rows and stored once or four times.
+def _original_state(native_folder: Path, vocab: int, extra: int, *, all_copies: bool, shared: bool) -> dict:
+    """Native weights under original names, the embedding cut to ``vocab`` rows (plus ``extra`` seeded
+    random ones) and stored once or four times.
 
     ``shared`` keeps the copies on one storage, as a pickle can (safetensors files refuse it).
     """
+    import torch
     from safetensors.torch import load_file
 
     state = {}
@@ -82,6 +92,9 @@ def _original_state(native_folder: Path, vocab: int, *, all_copies: bool, shared
         name = original_name(key)
         state[name] = tensor.T.contiguous() if name == PROJECTION else tensor
     embedding = next(state[name] for name in TIED if name in state)[:vocab]
+    if extra:
+        rows = torch.randn(extra, embedding.shape[1], generator=torch.Generator().manual_seed(extra))
+        embedding = torch.cat([embedding, rows.to(embedding.dtype) * embedding.std()])
     for index, name in enumerate(TIED):
         state.pop(name, None)
         if index == 0 or all_copies:
@@ -115,12 +128,21 @@ def _original_config(native: dict, vocab: int, generation: dict, dtype: str) -> 
     }  # fmt: skip
 
 
-def _write_bart_tokenizer(tokenizer_json: Path, dst: Path, base: int) -> None:
-    """BART's files as Microsoft ships them: the first ``base`` ids, none of Florence-2's added tokens."""
+def _write_bart_tokenizer(
+    tokenizer_json: Path, dst: Path, base: int, extra_tokens: Sequence[str] = (), microsoft: int = 0
+) -> None:
+    """BART's files as Microsoft ships them: the first ``base`` ids, none of Florence-2's added tokens;
+    with ``extra_tokens``, as a fine-tune saves them: Florence-2's tokens (below ``microsoft``), then
+    its own."""
     spec = _read_json(tokenizer_json)
     vocab = {token: index for token, index in spec["model"]["vocab"].items() if index < base}
     merges = [" ".join(merge) if isinstance(merge, list) else merge for merge in spec["model"]["merges"]]
-    spec["added_tokens"] = [token for token in spec["added_tokens"] if token["id"] < base]
+    kept = microsoft if extra_tokens else base
+    spec["added_tokens"] = [token for token in spec["added_tokens"] if token["id"] < kept] + [
+        {"id": microsoft + number, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+        for number, token in enumerate(extra_tokens)
+    ]  # fmt: skip
     _write_json(dst / "tokenizer.json", spec)
     _write_json(dst / "vocab.json", vocab)
     (dst / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")

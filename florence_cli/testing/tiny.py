@@ -193,9 +193,10 @@ def tilt_towards_eos(model, strength: float, seed: int = 0) -> None:
         decoder.embed_positions.weight[decoder.embed_positions.offset] -= tilt.to(bias.dtype)
 
 
-def build_random(folder: str | Path, size: str = "tiny", seed: int = 0):
-    """A seeded random-weight model and its processor at ``size`` (tokenizer files go to ``folder``)."""
-    dims = SIZES[size]
+def build_random(folder: str | Path, size: str | Size = "tiny", seed: int = 0):
+    """A seeded random-weight model and its processor at ``size`` (a name in ``SIZES``, or dimensions;
+    tokenizer files go to ``folder``)."""
+    dims = SIZES[size] if isinstance(size, str) else size
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     processor = build_processor(folder, image_size=dims.image_size, base_vocab=dims.base_vocab)

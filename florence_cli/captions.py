@@ -1,0 +1,226 @@
+"""Caption files for training sets: a sidecar beside each image (``a.jpg`` → ``a.txt``, as kohya-ss
+sd-scripts and OneTrainer read them) or under another root, and Hugging Face's ``metadata.jsonl``.
+
+These files live among the user's own, so nothing of theirs is ever replaced: a file florence-cli did
+not write, or wrote and the user edited since, is kept (``--overwrite-captions`` replaces it). What
+was written is known from a ledger in the output folder's state (``captions.jsonl``: each file's path
+and the SHA-256 of what was written there), kept across ``--overwrite``: the files it lists still are
+florence-cli's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .config import CaptionOptions
+from .discover import IMAGE_EXTENSIONS, ImageRef, short_digest
+from .records import Answer
+from .tasks import Output, Task, TaskError
+from .writers import atomic_writer
+
+LEDGER = "captions.jsonl"
+METADATA = "metadata.jsonl"  # the name Hugging Face's imagefolder loader looks for
+
+
+class CaptionClash(TaskError):
+    """Two images would share one caption file."""
+
+
+def caption_task(options: CaptionOptions, tasks: list[Task]) -> Task | None:
+    """The text task whose answer feeds the caption files: ``options.task``, else the only text task.
+    Refuses (``TaskError``) what cannot be meant."""
+    texts = [task for task in tasks if task.output is Output.TEXT]
+    if not options.enabled:
+        flags = {"--sidecar-task": options.task, "--prefix": options.prefix, "--suffix": options.suffix,
+                 "--overwrite-captions": options.overwrite}  # fmt: skip
+        for flag, given in flags.items():
+            if given:
+                raise TaskError(f"{flag} needs --sidecar, --sidecar-dir or --hf-metadata")
+        return None
+    if options.task is not None:
+        chosen = [task for task in texts if options.task in (task.name, task.token, task.prompt, task.slug)]
+        if not chosen:
+            names = ", ".join(task.name for task in texts) or "none"
+            raise TaskError(f"--sidecar-task {options.task} is not among the text tasks asked for ({names})")
+        return chosen[0]
+    if len(texts) == 1:
+        return texts[0]
+    if not texts:
+        raise TaskError("--sidecar and --hf-metadata need a text task (a caption, OCR or a --prompt)")
+    names = ", ".join(task.name for task in texts)
+    raise TaskError(f"several text tasks ({names}): name the one captions come from with --sidecar-task")
+
+
+def check_extension(extension: str) -> str:
+    """``--caption-extension`` as a suffix with its dot (``txt`` → ``.txt``); not an image's."""
+    suffix = extension if extension.startswith(".") else f".{extension}"
+    if suffix == "." or "/" in suffix or os.sep in suffix:
+        raise TaskError(f"--caption-extension {extension!r} is not a file name extension")
+    if suffix.lower() in IMAGE_EXTENSIONS:
+        raise TaskError(f"--caption-extension {suffix} is an image extension: captions would replace images")
+    return suffix
+
+
+class CaptionFiles:
+    """Writes the caption files of one run, never over a file that is not florence-cli's."""
+
+    def __init__(self, options: CaptionOptions, task: Task, state: Path, metadata_root: Path | None = None):
+        self.options = options
+        self.task = task
+        self.metadata_root = metadata_root  # --hf-metadata: the input folder metadata.jsonl describes
+        self.claimed_ahead = False  # every image's sidecar claimed before the run (see ``claim``)
+        self.kept: list[str] = []  # files kept as they were, the first few (for the user)
+        self.kept_count = 0
+        self._ledger_path = state / LEDGER
+        self._written = set()  # digests of (path, SHA-256) written by florence-cli
+        if self._ledger_path.exists():
+            for line in self._ledger_path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    entry = json.loads(line)
+                    self._written.add(_entry_digest(entry["path"], entry["sha256"]))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut by a crash: that file is treated as the user's
+        self._ledger = open(self._ledger_path, "a", encoding="utf-8")  # noqa: SIM115
+        self._claimed: set[bytes] = set()
+
+    # -- where --------------------------------------------------------------------------------
+    def sidecar_path(self, image: ImageRef) -> Path:
+        """Where ``image``'s caption goes: beside it, or at its output name under ``--sidecar-dir``."""
+        base = (
+            Path(self.options.sidecar_dir, image.name)
+            if self.options.sidecar_dir is not None
+            else Path(image.path)
+        )
+        if self.options.naming == "full":
+            return base.with_name(base.name + self.options.extension)
+        return base.with_suffix(self.options.extension)
+
+    def claim(self, image: ImageRef) -> None:
+        """Refuse (``CaptionClash``) an image whose caption file another image of this run has taken
+        (``a.jpg`` and ``a.png``: both ``a.txt``)."""
+        target = self.sidecar_path(image)
+        key = short_digest(os.fsencode(os.path.abspath(target)))
+        if key in self._claimed:
+            raise CaptionClash(
+                f"{_clashing(image, target)} would share the caption file {target}: rename one, or name "
+                "captions by the whole file name with --sidecar-naming full"
+            )
+        self._claimed.add(key)
+
+    def caption(self, text: str) -> str:
+        """The caption as written to files: the model's answer between ``--prefix`` and ``--suffix``."""
+        return f"{self.options.prefix}{text}{self.options.suffix}"
+
+    # -- writing ------------------------------------------------------------------------------
+    def write_sidecar(self, image: ImageRef, text: str) -> bool:
+        """Write ``image``'s caption file; False when a file that is not florence-cli's is kept."""
+        data = self.caption(text).encode("utf-8")
+        target = self.sidecar_path(image)
+        existing = _sha256_of(target)
+        new = hashlib.sha256(data).hexdigest()
+        if existing == new:
+            self._record(target, new)  # the same text: ours from now on, nothing to write
+            return True
+        if not self._may_replace(target, existing):
+            return False
+        self._record(target, new)  # before the file: a crash between leaves no file of ours unlisted
+        with atomic_writer(target, "wb") as file:
+            file.write(data)
+        return True
+
+    def write_metadata(self, answers: Iterable[Answer]) -> bool:
+        """Write ``metadata.jsonl`` into the input folder from the journal's ``answers`` (in name order):
+        a row per image with a caption, ``file_name`` relative to the folder, a column per text task
+        (its folder name: ``more_detailed_caption``, ``prompt-…``) and the caption file's text as
+        ``text``. False when a file that is not florence-cli's is kept."""
+        target = self.metadata_root / METADATA
+        if not self._may_replace(target, _sha256_of(target)):
+            return False
+        digest = hashlib.sha256()
+        with atomic_writer(target, "wb") as file:
+            for row in self._metadata_rows(answers):
+                line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+                digest.update(line)
+                file.write(line)
+            self._record(target, digest.hexdigest())  # before the rename puts the file in place
+        return True
+
+    def _metadata_rows(self, answers: Iterable[Answer]) -> Iterator[dict]:
+        for name, group in itertools.groupby(answers, key=lambda answer: answer.file):
+            texts = {a.task.slug: a.text for a in group if a.task.output is Output.TEXT}
+            caption = texts.get(self.task.slug)
+            # answers of earlier runs on other inputs may share the journal: only this folder's images
+            if caption is not None and (self.metadata_root / name).is_file():
+                yield {"file_name": name, **texts, "text": self.caption(caption)}
+
+    def _may_replace(self, target: Path, existing: str | None) -> bool:
+        if existing is None and not target.is_symlink():
+            return True
+        mine = existing is not None and _entry_digest(_key(target), existing) in self._written
+        if mine or self.options.overwrite:
+            return True
+        self.kept_count += 1
+        if len(self.kept) < 20:
+            self.kept.append(str(target))
+        return False
+
+    def _record(self, target: Path, sha256: str) -> None:
+        path = _key(target)
+        entry = _entry_digest(path, sha256)
+        if entry not in self._written:
+            # ASCII escapes: a path that is not UTF-8 (surrogates) still makes a line
+            self._ledger.write(json.dumps({"path": path, "sha256": sha256}) + "\n")
+            self._ledger.flush()
+            self._written.add(entry)
+
+    def close(self) -> None:
+        self._ledger.close()
+
+
+def metadata_folder(inputs: list[str]) -> Path:
+    """The folder ``--hf-metadata`` describes: the run's one input, which must be a folder (file names
+    in ``metadata.jsonl`` are relative to the folder it is in)."""
+    if len(inputs) != 1 or inputs[0] == "-" or not os.path.isdir(inputs[0]):
+        raise TaskError("--hf-metadata needs exactly one input, a folder: metadata.jsonl goes in it")
+    return Path(inputs[0])
+
+
+def _key(target: Path) -> str:
+    """A caption file's path in the ledger: absolute, its folder's links resolved."""
+    return os.path.join(os.path.realpath(target.parent), target.name)
+
+
+def _entry_digest(path: str, sha256: str) -> bytes:
+    return short_digest(f"{path}\0{sha256}".encode("utf-8", "surrogateescape"))
+
+
+def _sha256_of(path: Path) -> str | None:
+    """The SHA-256 of a regular file's bytes; None when there is none (a link or a folder counts as
+    the user's: it is never followed nor replaced)."""
+    if path.is_symlink() or not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _clashing(image: ImageRef, target: Path) -> str:
+    """``image`` and the other image of its folder whose caption would be ``target``, as one phrase."""
+    folder = Path(image.path).parent
+    mine = Path(image.path).name
+    try:
+        others = sorted(
+            entry for entry in os.listdir(folder)
+            if entry != mine and os.path.splitext(entry)[1].lower() in IMAGE_EXTENSIONS
+            and (folder / entry).with_suffix(target.suffix).name == target.name
+        )  # fmt: skip
+    except OSError:
+        others = []
+    return f"{folder / others[0]} and {image.path}" if others else f"{image.path} and another image"
