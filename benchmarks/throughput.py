@@ -15,9 +15,11 @@ the batch pays.
 per-image matrix products (exact; off = batched products, faster, but a near tie may flip), beam
 compaction, decode processes (a lever that is off by default, as on CPU, is turned on), worker-side
 resize with device-side normalisation, and (with several tasks) one vision pass per image for all
-tasks; then two levers that are not in the pipeline, to show whether they pay: transformers' static
-key/value cache, and the decoder compiled with ``torch.compile`` (compile time included).
-``--levers compaction,products`` runs only the levers whose names hold those words.
+tasks; then levers that are off by default, to show whether they pay: transformers' static
+key/value cache, the decoder compiled with ``torch.compile`` (compile time included), and (CUDA only;
+"n/a" elsewhere) decoding steps replayed from CUDA graphs over a static cache (``--cuda-graphs``,
+capture time included). ``--levers compaction,products`` runs only the levers whose names hold those
+words.
 
 ``--counters 8,64`` adds device-independent costs (counters.py): operators dispatched and weight bytes
 read per generated token per image, in a steady decoding step, for the reference loop and the
@@ -180,6 +182,7 @@ class Variant:
     runs: list[tuple[FlorenceModel, list[str], int]]
     generation: GenerationSettings
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    cuda_only: bool = False  # a lever that only means something on a GPU
 
 
 def variants(args, tasks: list[str], model: FlorenceModel, generation: GenerationSettings) -> list[Variant]:
@@ -210,6 +213,8 @@ def variants(args, tasks: list[str], model: FlorenceModel, generation: Generatio
     found.append(Variant("+ static KV cache", [(plain, tasks, args.workers)], static))  # fixed shapes
     found.append(Variant("+ compiled decoder", [(model, tasks, args.workers)], generation,
                          lambda: compiled_decoder(model)))  # fmt: skip
+    graphed = like(cuda_graphs=True)
+    found.append(Variant("+ CUDA graphs", [(graphed, tasks, args.workers)], generation, cuda_only=True))
     words = [] if args.levers == "all" else args.levers.split(",")
     return [found[0]] + [v for v in found[1:] if not words or any(w in v.name for w in words)]
 
@@ -257,6 +262,9 @@ def timed_rows(args, tasks, loaded, paths, scratch, generation) -> list[dict]:
     rows = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         for variant in variants(args, tasks, loaded, generation):
+            if variant.cuda_only and device.type != "cuda":
+                print(f"{','.join(tasks):<12} batch {batch_size:>3} {variant.name:<24}: n/a on {device.type}")
+                continue
             started, answers = start_phase(device), {}
             with variant.context():
                 for i, (model_variant, run_tasks, workers) in enumerate(variant.runs):

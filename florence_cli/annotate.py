@@ -41,14 +41,17 @@ class Annotator:
         allow_pickle: bool = False,
         min_score: float | None = None,
         products: str = "auto",
+        cuda_graphs: bool = False,
     ):
         """``products``: how the model's matrix products and attention meet the batch (auto, per-image,
-        invariant, batched; see ``config.PRODUCTS``). It applies to a model loaded here; a
-        ``FlorenceModel`` given keeps its own."""
+        invariant, batched; see ``config.PRODUCTS``). ``cuda_graphs``: decoding steps replay CUDA graphs
+        over a static cache (see graphs.py). Both apply to a model loaded here; a ``FlorenceModel``
+        given keeps its own settings."""
         loaded = model if isinstance(model, FlorenceModel) else None
         model_config = ModelConfig(
             "in-memory model" if loaded else model, device, dtype, allow_pickle,
             loaded.products if loaded else products,
+            loaded.static_decoder is not None if loaded else cuda_graphs,
         )  # fmt: skip
         config = RunConfig(
             model_config, batch_size=batch_size, generation=generation or GenerationSettings(),
@@ -65,7 +68,7 @@ class Annotator:
         return cls(
             model.name, device=model.device, dtype=model.dtype, batch_size=config.batch_size,
             generation=config.generation, allow_pickle=model.allow_pickle, min_score=config.min_score,
-            products=model.products,
+            products=model.products, cuda_graphs=model.cuda_graphs,
         )  # fmt: skip
 
     @property

@@ -101,8 +101,9 @@ class AnswererBuilder:
 
         model = self.config.model
         loaded = FlorenceModel.load(
-            model.name, device or model.device, model.dtype, model.allow_pickle, products=model.products
-        )
+            model.name, device or model.device, model.dtype, model.allow_pickle,
+            products=model.products, cuda_graphs=model.cuda_graphs,
+        )  # fmt: skip
         return BatchAnswerer(loaded, self.config)
 
 

@@ -20,12 +20,17 @@ the plain beam search it mirrors goes back to transformers' own loop.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 from transformers.generation import logits_process, stopping_criteria
 from transformers.generation.utils import ALL_CACHE_NAMES, GENERATION_MODES_MAPPING, GenerationMode
 from transformers.modeling_outputs import BaseModelOutput
+
+if TYPE_CHECKING:
+    from .graphs import StaticDecoder
 
 # Logits processors and stopping criteria that read nothing but the rows they are given (no state
 # kept per batch position), so they give the same answer for an image wherever it sits in the batch.
@@ -52,9 +57,12 @@ def compacting_beam_search(
     stopping_criteria,
     generation_config,
     synced_gpus: bool = False,
+    static_decoder: StaticDecoder | None = None,
     **model_kwargs,
 ) -> torch.LongTensor:
-    """Beam search as transformers runs it, with finished images dropped from the batch."""
+    """Beam search as transformers runs it, with finished images dropped from the batch.
+    ``static_decoder`` (a ``generate`` argument): the steps after the first run over its static cache,
+    replayed from CUDA graphs on a GPU (graphs.py), where it fits the model."""
     if not _supported(
         model, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs
     ):
@@ -63,7 +71,7 @@ def compacting_beam_search(
             input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, **model_kwargs
         )
     return _BeamSearch(model, input_ids, generation_config, model_kwargs).run(
-        logits_processor, stopping_criteria
+        logits_processor, stopping_criteria, static_decoder
     )
 
 
@@ -115,20 +123,19 @@ class _BeamSearch:
         self.finished_origins = self.running_origins.clone()
         self.image_of_row = torch.arange(rows, device=device)  # which input image each row still is
         self.answers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.cross_beams_alike: bool | None = None
 
-    def run(self, logits_processor, criteria) -> torch.LongTensor:
+    def run(
+        self, logits_processor, criteria, static_decoder: StaticDecoder | None = None
+    ) -> torch.LongTensor:
         model, beams = self.model, self.num_beams
         cur_len = self.prompt_len
         flat_running = self.running[:, :, :cur_len].reshape(-1, cur_len)
         outputs = model._prefill(flat_running, self.config, self.kwargs, is_first_iteration=True)
+        self.steps = _CacheSteps.after(model, outputs, self.kwargs, beams, self.max_length, static_decoder)
+        logits = _last_logits(outputs, self.running.device)
+        del outputs  # the prefill logits can be large
         while True:
             rows = self.running.shape[0]
-            self.kwargs = model._update_model_kwargs_for_generation(
-                outputs, self.kwargs, is_encoder_decoder=True
-            )
-            logits = outputs.logits[:, -1, :].to(copy=True, dtype=torch.float32, device=self.running.device)
-            del outputs  # the prefill logits can be large
             log_probs = logits_processor(flat_running, nn.functional.log_softmax(logits, dim=-1))
             log_probs = log_probs.view(rows, beams, -1) + self.running_scores[:, :, None]
             top_scores, top_sequences, top_origins = model._get_top_k_continuations(
@@ -172,7 +179,7 @@ class _BeamSearch:
                     early_stopping=self.config.early_stopping,
                 )
             )
-            self._reorder_cache(self.running_origins[..., cur_len - self.prompt_len].reshape(-1))
+            self.steps.reorder(self.running_origins[..., cur_len - self.prompt_len].reshape(-1))
             cur_len += 1
             self.can_improve = model._check_early_stop_heuristic(
                 is_early_stop_heuristic_unsatisfied=self.can_improve,
@@ -190,33 +197,9 @@ class _BeamSearch:
             if bool(stops.all()) or not self._drop_done_images():
                 break
             flat_running = self.running[:, :, :cur_len].reshape(-1, cur_len)
-            inputs = model.prepare_inputs_for_generation(
-                flat_running, next_sequence_length=1 if self.kwargs["use_cache"] else None, **self.kwargs
-            )
-            outputs = model(**inputs, return_dict=True)
+            logits = self.steps.logits(flat_running)
         self._store(torch.ones(self.running.shape[0], dtype=torch.bool, device=self.running.device))
         return self._output()
-
-    def _cache(self):
-        return next(
-            (self.kwargs[name] for name in ALL_CACHE_NAMES if self.kwargs.get(name) is not None), None
-        )
-
-    def _reorder_cache(self, beam_origins: torch.Tensor) -> None:
-        """Each beam's cache rows become its parent beam's, as in transformers — except cross-attention
-        rows whose beams all hold the same bits: every beam's parent is a beam of the same image, so
-        that copy (the encoder's states, every layer, every step) would change nothing."""
-        cache = self._cache()
-        if cache is None:
-            return
-        if self.cross_beams_alike is None:  # the cross-attention states are written once, at the first step
-            self.cross_beams_alike = isinstance(cache, EncoderDecoderCache) and _beams_alike(
-                cache.cross_attention_cache, self.num_beams
-            )
-        if self.cross_beams_alike:
-            cache.self_attention_cache.reorder_cache(beam_origins)
-        else:
-            cache.reorder_cache(beam_origins)
 
     def _drop_done_images(self) -> bool:
         """Store the answers of images that are done and remove their rows; False when none is left."""
@@ -242,13 +225,7 @@ class _BeamSearch:
         ):
             setattr(self, name, getattr(self, name)[keep])
         flat = (keep[:, None] * self.num_beams + torch.arange(self.num_beams, device=keep.device)).flatten()
-        encoder_states = self.kwargs["encoder_outputs"].last_hidden_state
-        self.kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=encoder_states[flat])
-        if self.kwargs.get("attention_mask") is not None:
-            self.kwargs["attention_mask"] = self.kwargs["attention_mask"][flat]
-        cache = self._cache()
-        if cache is not None:
-            cache.batch_select_indices(flat)
+        self.steps.select(flat)
         return True
 
     def _store(self, rows: torch.Tensor) -> None:
@@ -266,6 +243,76 @@ class _BeamSearch:
         origins = torch.cat([self.answers[i][1] for i in range(len(self.answers))])
         generated = int((origins != -1).sum(dim=1).max())
         return sequences[:, : self.prompt_len + generated]
+
+
+class _CacheSteps:
+    """The decoding steps after the first, as transformers' loop runs them: the model's forward over
+    its dynamic cache, rows reordered and dropped in that cache and in the model's inputs."""
+
+    def __init__(self, model, kwargs: dict, beams: int):
+        self.model = model
+        self.kwargs = kwargs
+        cache = self._cache()
+        # The cross-attention states are written once, at the first step.
+        self.cross_beams_alike = isinstance(cache, EncoderDecoderCache) and _beams_alike(
+            cache.cross_attention_cache, beams
+        )
+
+    @classmethod
+    def after(cls, model, outputs, kwargs: dict, beams: int, max_length: int, static_decoder):
+        """The steps that follow the first step's ``outputs``: over ``static_decoder``'s static cache
+        where it fits (the first step's cache then handed over to it), else transformers' own."""
+        kwargs = model._update_model_kwargs_for_generation(outputs, kwargs, is_encoder_decoder=True)
+        steps = cls(model, kwargs, beams)
+        cache = steps._cache()
+        if static_decoder is None or not static_decoder.fits(cache):
+            return steps
+        static_decoder.start(cache, kwargs.get("attention_mask"), beams, max_length, steps.cross_beams_alike)
+        for name in ALL_CACHE_NAMES:
+            kwargs.pop(name, None)  # its states are in the static cache now
+        return static_decoder
+
+    def _cache(self):
+        return next(
+            (self.kwargs[name] for name in ALL_CACHE_NAMES if self.kwargs.get(name) is not None), None
+        )
+
+    def reorder(self, beam_origins: torch.Tensor) -> None:
+        """Each beam's cache rows become its parent beam's, as in transformers — except cross-attention
+        rows whose beams all hold the same bits: every beam's parent is a beam of the same image, so
+        that copy (the encoder's states, every layer, every step) would change nothing."""
+        cache = self._cache()
+        if cache is None:
+            return
+        if self.cross_beams_alike:
+            cache.self_attention_cache.reorder_cache(beam_origins)
+        else:
+            cache.reorder_cache(beam_origins)
+
+    def select(self, flat: torch.Tensor) -> None:
+        """Keep the rows ``flat``: their encoder outputs, attention mask and cache."""
+        encoder_states = self.kwargs["encoder_outputs"].last_hidden_state
+        self.kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=encoder_states[flat])
+        if self.kwargs.get("attention_mask") is not None:
+            self.kwargs["attention_mask"] = self.kwargs["attention_mask"][flat]
+        cache = self._cache()
+        if cache is not None:
+            cache.batch_select_indices(flat)
+
+    def logits(self, flat_running: torch.Tensor) -> torch.Tensor:
+        """The next token's float32 logits for each row of ``flat_running`` (rows × tokens so far)."""
+        inputs = self.model.prepare_inputs_for_generation(
+            flat_running, next_sequence_length=1 if self.kwargs["use_cache"] else None, **self.kwargs
+        )
+        outputs = self.model(**inputs, return_dict=True)
+        self.kwargs = self.model._update_model_kwargs_for_generation(
+            outputs, self.kwargs, is_encoder_decoder=True
+        )
+        return _last_logits(outputs, flat_running.device)
+
+
+def _last_logits(outputs, device: torch.device) -> torch.Tensor:
+    return outputs.logits[:, -1, :].to(copy=True, dtype=torch.float32, device=device)
 
 
 def _beams_alike(cache, beams: int) -> bool:

@@ -67,13 +67,16 @@ class Shard:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which checkpoint, where, in which precision, and how its products meet the batch (``PRODUCTS``)."""
+    """Which checkpoint, where, in which precision, how its products meet the batch (``PRODUCTS``), and
+    whether decoding steps replay CUDA graphs over a static cache (``cuda_graphs``; on CPU the same
+    steps run uncaptured)."""
 
     name: str = DEFAULT_MODEL  # a Hub id or a local folder
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32
     allow_pickle: bool = False
     products: str = "auto"
+    cuda_graphs: bool = False
 
     def products_on(self, device_type: str) -> str:
         """``products`` on a device of this type, ``auto`` resolved."""
@@ -140,6 +143,8 @@ class RunConfig:
         # answers are kept apart ("exact": false, as folders made before the modes had it).
         if self.model.products == "batched":
             settings["exact"] = False
+        if self.model.cuda_graphs:  # the static cache's attention sums over other lengths
+            settings["cuda_graphs"] = True
         return {**settings, "shard": str(self.shard)} if self.shard else settings
 
     def batch_size_on(self, device_type: str) -> int:

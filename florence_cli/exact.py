@@ -132,9 +132,7 @@ def _cpu_pool() -> ThreadPoolExecutor:
 
 def _attention_per_image(module: nn.Module, query, key, value, attention_mask, **kwargs):
     """The model's own attention function, called on one image's rows at a time."""
-    name = module.florence_attention
-    own_eager = sys.modules[type(module).__module__].eager_attention_forward
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(name, own_eager) if name != "eager" else own_eager
+    attention = attention_function(module, module.florence_attention)
     rows = module.florence_rows
     if query.shape[0] <= rows:
         return attention(module, query, key, value, attention_mask, **kwargs)
@@ -150,6 +148,13 @@ def _attention_per_image(module: nn.Module, query, key, value, attention_mask, *
 
 
 AttentionInterface.register(PER_IMAGE_ATTENTION, _attention_per_image)
+
+
+def attention_function(module: nn.Module, name: str):
+    """The attention function ``name`` (a ``config._attn_implementation``) as ``module``'s class
+    calls it: "eager" is the class's own module's function."""
+    own_eager = sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS.get_interface(name, own_eager) if name != "eager" else own_eager
 
 
 def _is_attention(module: nn.Module) -> bool:

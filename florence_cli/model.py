@@ -36,6 +36,7 @@ from .checkpoint import (
 from .config import DEFAULT_MODEL, resolve_products
 from .decode import ResizeSpec
 from .exact import reference_shapes
+from .graphs import StaticDecoder
 from .jobs import TaskRequest
 from .tasks import TaskError, task_prompt
 
@@ -88,6 +89,7 @@ class FlorenceModel:
         compact_beams: bool = True,
         fast_pixels: bool = True,
         products: str = "auto",
+        cuda_graphs: bool = False,
     ):
         """``compact_beams``: finished images leave the generation batch (see beam.py).
         ``fast_pixels``: decode workers resize and the device normalises, where that equals the
@@ -96,7 +98,10 @@ class FlorenceModel:
         tower in the shapes the one-image reference gives them, so answers are bit-identical (see
         exact.py); invariant batches the language model in kernels whose rounding ignores the batch
         (invariant.py; CUDA); batched runs all batched — fastest, but a near tie may then go another
-        way than in the reference. Auto: per-image on CPU, invariant on CUDA."""
+        way than in the reference. Auto: per-image on CPU, invariant on CUDA.
+        ``cuda_graphs``: with ``compact_beams``, decoding steps run over a static cache in buckets of
+        rows, replayed from CUDA graphs on a GPU and run as they are on CPU (see graphs.py); the step
+        runs in the products' mode, whichever it is."""
         self.model = model.eval()
         self.compact_beams = compact_beams
         try:
@@ -104,6 +109,7 @@ class FlorenceModel:
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from None
         self._invariant = _invariant_kernels(device) if self.products == "invariant" else None
+        self.static_decoder = StaticDecoder(self.model) if cuda_graphs else None
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.device = device
@@ -124,13 +130,17 @@ class FlorenceModel:
         dtype: str = "auto",
         allow_pickle: bool = False,
         products: str = "auto",
+        cuda_graphs: bool = False,
     ) -> FlorenceModel:
         """Load a native or original-format checkpoint from a folder or the Hub."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         folder = locate_model(model, allow_pickle=allow_pickle)
         loaded, processor = load_checkpoint(folder, torch_dtype, allow_pickle)
-        return cls(loaded.to(torch_device), processor, torch_device, torch_dtype, products=products)
+        return cls(
+            loaded.to(torch_device), processor, torch_device, torch_dtype,
+            products=products, cuda_graphs=cuda_graphs,
+        )  # fmt: skip
 
     # -- images -------------------------------------------------------------------------------
     def pixel_values(self, images: list[np.ndarray]) -> torch.Tensor:
@@ -250,6 +260,8 @@ class FlorenceModel:
         encoder_states = encoder_outputs.last_hidden_state if self.products != "batched" else None
         if self.compact_beams:
             generation = {**generation, "custom_generate": compacting_beam_search}
+            if self.static_decoder is not None:
+                generation["static_decoder"] = self.static_decoder
         config = self.generation_config
         beams = max(generation.get("num_beams") or config.num_beams or 1, config.num_return_sequences or 1)
         with self._kernels(beams, language.decoder, self.model.lm_head):  # one image's beams

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from florence_cli.testing.tiny import make_tiny_model
+from florence_cli.testing.tiny import build_random, make_tiny_model, tilt_towards_eos
 
 
 def pytest_configure(config):
@@ -26,6 +26,17 @@ MAX_NEW_TOKENS = 24
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def varied_dir(tmp_path_factory) -> Path:
+    """A tiny checkpoint whose answers end at lengths that differ from image to image."""
+    folder = tmp_path_factory.mktemp("varied-model")
+    model, processor = build_random(folder, "tiny", seed=0)
+    tilt_towards_eos(model, 1.4)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,14 @@
-"""Assertions shared by the tests."""
+"""Assertions and recorders shared by the tests."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import torch
+
+from florence_cli import beam
+from florence_cli.graphs import StaticDecoder
 
 
 def assert_same_answer(ours, theirs, where: str = "") -> None:
@@ -85,3 +90,44 @@ def image_bytes(image, form: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, form)
     return buffer.getvalue()
+
+
+class Steps:
+    """Records, while ``generate`` runs, every step's logits (plain or static) and each static step's
+    shape (rows, attended length, encoder length, masked) and position."""
+
+    def __init__(self, monkeypatch):
+        self.logits: list[torch.Tensor] = []
+        self.shapes: list[tuple] = []
+        self.positions: list[int] = []
+        for kind in (beam._CacheSteps, StaticDecoder):
+            monkeypatch.setattr(kind, "logits", self._recorded(kind.logits))
+        step = StaticDecoder._step
+
+        def recorded_step(decoder, *shape):
+            self.shapes.append(shape)
+            self.positions.append(int(decoder.buffers.position))
+            step(decoder, *shape)
+
+        monkeypatch.setattr(StaticDecoder, "_step", recorded_step)
+
+    def _recorded(self, logits):
+        def recorded(steps, flat_running):
+            found = logits(steps, flat_running)
+            self.logits.append(found)
+            return found
+
+        return recorded
+
+    def generate(self, model, features, prompt: str | list[str], settings, static=None) -> tuple[list, list]:
+        """Token ids of each answer (a prompt for all, or one per image), and the logits of each step
+        after the first (these and the static steps' shapes and positions are this generation's)."""
+        for found in (self.logits, self.shapes, self.positions):
+            found.clear()
+        prompts = [prompt] * len(features) if isinstance(prompt, str) else prompt
+        model.static_decoder = static
+        try:
+            answers = [g.token_ids for g in model.generate(features, prompts, settings)]
+        finally:
+            model.static_decoder = None
+        return answers, list(self.logits)

@@ -12,7 +12,6 @@ from florence_cli import beam
 from florence_cli.annotate import Annotator, GenerationSettings
 from florence_cli.beam import _beams_alike
 from florence_cli.model import FlorenceModel
-from florence_cli.testing.tiny import build_random, tilt_towards_eos
 
 from .conftest import Reference, random_image, write_images
 from .helpers import assert_same_answer, read_jsonl
@@ -30,17 +29,6 @@ SETTINGS = {
     "greedy": {"num_beams": 1, "max_new_tokens": 30},
     "length decay (make-tiny-model's)": {"max_new_tokens": 40, "exponential_decay_length_penalty": (6, 1.25)},
 }  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def varied_dir(tmp_path_factory):
-    """A tiny checkpoint whose answers end at lengths that differ from image to image."""
-    folder = tmp_path_factory.mktemp("varied-model")
-    model, processor = build_random(folder, "tiny", seed=0)
-    tilt_towards_eos(model, 1.4)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -269,6 +269,30 @@ def test_products_auto_is_per_image_on_cpu_and_invariant_on_cuda():
     assert "exact" not in settings["auto"]
 
 
+def test_cuda_graphs_flag_runs_the_static_steps_on_cpu_and_is_a_setting(
+    tiny_model, folder, tmp_path, monkeypatch
+):
+    """--cuda-graphs on CPU runs the steps a graph would replay, uncaptured: the same files as without
+    it here; the opt-in is recorded, and resuming without it is refused."""
+    from florence_cli.graphs import StaticDecoder
+
+    graphed, plain = tmp_path / "graphed", tmp_path / "plain"
+    started = []
+    start = StaticDecoder.start
+    monkeypatch.setattr(
+        StaticDecoder, "start", lambda decoder, *args: started.append(decoder) or start(decoder, *args)
+    )
+    result = _annotate(tiny_model, str(folder), "-t", "OD", "-o", str(graphed), "--cuda-graphs", "-q")
+    assert result.exit_code == 0, result.output
+    assert started and not any(decoder.capture for decoder in started)  # taken over, uncaptured on CPU
+    assert json.loads((graphed / ".florence" / "settings.json").read_text())["cuda_graphs"] is True
+    assert _annotate(tiny_model, str(folder), "-t", "OD", "-o", str(plain), "-q").exit_code == 0
+    assert "cuda_graphs" not in json.loads((plain / ".florence" / "settings.json").read_text())
+    assert output_files(graphed) == output_files(plain)
+    resumed = _annotate(tiny_model, str(folder), "-t", "OD", "-o", str(graphed), "-q")
+    assert resumed.exit_code == 2 and "other settings" in resumed.stderr
+
+
 def test_decode_processes_by_default_only_feed_a_gpu(tiny_model, folder, tmp_path, monkeypatch):
     """On CPU the model's threads use every core, so by default images decode in the main process."""
     import torch

@@ -21,10 +21,12 @@ from triton.runtime import interpreter
 
 from florence_cli import invariant
 from florence_cli.cli import main
+from florence_cli.graphs import StaticDecoder
 from florence_cli.model import FlorenceModel
 from florence_cli.testing.tiny import SIZES, build_random
 
 from .conftest import random_image, write_images
+from .helpers import Steps
 
 if not invariant.INTERPRETED:
     pytest.skip("TRITON_INTERPRET was not set before triton was imported", allow_module_level=True)
@@ -192,6 +194,30 @@ def test_answers_are_the_same_bits_alone_and_in_a_mixed_batch_of_7(small_invaria
         alone = model.generate(features[image : image + 1], [prompt], settings, with_scores=True)[0]
         assert alone.token_ids == batch[image].token_ids, image
         assert alone.token_logprobs == batch[image].token_logprobs, image
+
+
+def test_static_steps_give_the_plain_invariant_steps_bits(small_invariant, monkeypatch):
+    """The CUDA graphs' static steps (graphs.py, uncaptured) in invariant products: rows padded to buckets
+    and the self-attention over padded lengths, masked, change no bit of any step's logits — the kernels'
+    sums ignore the batch and masked keys — for prompts of several lengths padded together."""
+    model = small_invariant
+    size = model.resize_spec.size
+    pixels = [np.asarray(random_image(s).resize(size, Image.Resampling.BICUBIC)) for s in range(5)]
+    features = model.image_features(model.pixel_values(pixels))
+    prompts = ["<OD>", "<CAPTION>", "<OD>", "<OCR>", "<CAPTION>"]
+    settings = {"num_beams": 3, "max_new_tokens": 10, "exponential_decay_length_penalty": (2, 1.15)}
+    steps = Steps(monkeypatch)
+    plain, plain_logits = steps.generate(model, features, prompts, settings)
+    static = StaticDecoder(model.model, buckets=(2, 4, 8))
+    answers, static_logits = steps.generate(model, features, prompts, settings, static)
+    assert answers == plain
+    assert len(static_logits) == len(plain_logits)
+    assert all(torch.equal(a, b) for a, b in zip(static_logits, plain_logits, strict=True))
+    rows = [rows for rows, *_ in steps.shapes]
+    assert rows[0] == 8 * 3 and rows[-1] < rows[0]  # 5 images: bucket 8, then fewer as they finish
+    attended = [length for _, length, *_ in steps.shapes]
+    assert any(length > position + 1 for length, position in zip(attended, steps.positions, strict=True))
+    assert static.masked
 
 
 def test_cli_names_invariant_products_and_refuses_them_where_they_cannot_run(

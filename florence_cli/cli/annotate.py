@@ -188,6 +188,14 @@ def _device(ctx, param, value: str) -> str:
     is_flag=True,
     help="Write metadata.jsonl into the input folder, for datasets.load_dataset('imagefolder', ...).",
 )
+@click.option(
+    "--cuda-graphs",
+    is_flag=True,
+    help="Replay decoding steps from CUDA graphs over a static key/value cache (fewer kernel launches; "
+    "on CPU the same steps run uncaptured). Works with every --products mode; its attention sums over "
+    "a fixed length, so outside invariant products a near tie may be decided otherwise (see "
+    "docs/performance.md).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.option(
     "--shard",
@@ -312,7 +320,7 @@ def _config(flags: dict):
         products = "batched"
     model = ModelConfig(
         name=flags["model"] or DEFAULT_MODEL, device=flags["device"], dtype=flags["dtype"],
-        allow_pickle=flags["allow_pickle"], products=products,
+        allow_pickle=flags["allow_pickle"], products=products, cuda_graphs=flags["cuda_graphs"],
     )  # fmt: skip
     generation = GenerationSettings(
         num_beams=flags["num_beams"], max_new_tokens=flags["max_new_tokens"],

@@ -1,0 +1,340 @@
+"""Decoding steps over a static key/value cache, in buckets of batch rows, replayed from CUDA graphs.
+
+At batch 64 a decoding step is still hundreds of small kernels (some twenty per layer, for the self-
+and cross-attention, the feed-forward and the norms), each launched from Python: on a GPU the step
+waits on launches, not on arithmetic. A CUDA graph records a step's kernels once and replays them with one
+launch, but only over fixed shapes at fixed addresses. So here:
+
+- the self-attention's keys and values live in a static cache, allocated once for the generation's
+  longest answer (``max_length`` positions, the decoder's start token included); the step writes the
+  new token's keys and values at its position and attends over a fixed length (the position rounded
+  up to a power of two), the positions not yet written masked out;
+- the cross-attention's keys and values (the encoder's states, written by the first step, which is
+  transformers' own) are copied into a static buffer once per generation;
+- rows are padded to buckets of 8, 16, 32 or 64 images (then multiples of 64), each image with its
+  beams: one graph per (bucket, attended length, encoder length, padded prompts or not). When images
+  leave the batch (beam.py), the kept rows are gathered to the front and the next step runs in the
+  smallest bucket that holds them. Each step first moves every row's cache to its beam's parent (the
+  same gather that compacts), so beam reordering is part of the replay.
+
+Padding rows carry dummy tokens and states and their logits are never read: every operation of a
+step works row by row (products, norms, attention over a row's own cache), so no value of a live
+row depends on them. Their *shape* can: a kernel may round a 48-row product otherwise than a 24-row
+one, as it may a 24-row product otherwise than the plain path's 21 rows. The step runs in whatever
+products mode the model's generation is under (model.py patches the same modules), so that depends
+on the mode:
+
+- per-image (exact.py): the products run in each image's own rows, which the step keeps (buckets are
+  whole images with their beams); the self-attention's length differs from the plain path's: it sums
+  over the fixed length, the masked positions adding exact zeros, where transformers' loop sums over
+  the positions written, and the kernels may group those sums otherwise, so a logit may differ in its
+  last bits and a beam search at a near tie may go another way;
+- invariant (invariant.py): neither the rows nor the masked positions change a bit — the kernels' sums
+  ignore the batch and masked keys — so the steps give the plain invariant path's logits exactly, and
+  the Triton kernels are captured like any other;
+- batched: both may change the rounding, as the batch itself does in that mode.
+
+On CPU the same step runs without capture, so tests compare it with the plain path: attending over
+exactly the positions written, in the per-image shapes, it gives the same logits bit for bit; over
+the padded lengths, the same answers on the test model; in invariant products (Triton's interpreter),
+the same logits bit for bit over the padded lengths and buckets too.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicLayer, EncoderDecoderCache
+from transformers.models.bart.modeling_bart import BartDecoder, BartDecoderLayer
+
+from .exact import attention_function
+
+IMAGE_BUCKETS = (8, 16, 32, 64)  # images per bucket; beyond the last, its multiples
+SHORTEST_ATTENDED = 16  # attended lengths: powers of two from this, capped at the cache's length
+WARMUP_STEPS = 2  # before a capture: lazy initialisations (cuBLAS workspaces, kernel autotuning)
+
+
+def image_bucket(images: int, buckets: tuple[int, ...] = IMAGE_BUCKETS) -> int:
+    """The bucket that holds ``images`` images: the smallest that does, or a multiple of the largest."""
+    for bucket in buckets:
+        if images <= bucket:
+            return bucket
+    return -(-images // buckets[-1]) * buckets[-1]
+
+
+def attended_length(positions: int, cache_length: int) -> int:
+    """How many cache positions a step attends over when ``positions`` of them are written."""
+    length = SHORTEST_ATTENDED
+    while length < positions:
+        length *= 2
+    return min(length, cache_length)
+
+
+@dataclass
+class _Buffers:
+    """Static tensors a step reads and writes (a graph holds their addresses), for up to ``capacity``
+    rows. The cross-attention states and the encoder's mask are flat, viewed per encoder length, so
+    that prompts of another length reuse them."""
+
+    capacity: int
+    cache_length: int
+    encoder_capacity: int
+    states: torch.Tensor  # layers, keys/values, rows, heads, positions, head dims
+    cross: torch.Tensor  # flat: layers × keys/values × rows × heads × encoder positions × head dims
+    encoder_mask: torch.Tensor  # flat: rows × encoder positions, additive (0 or the dtype's minimum)
+    tokens: torch.Tensor  # the token each row reads at this step
+    sources: torch.Tensor  # the row each row's cache comes from (its beam's parent, after compaction)
+    position: torch.Tensor  # the new token's position (one element)
+    logits: torch.Tensor  # rows, vocabulary
+
+    def cross_view(self, rows: int, encoder_length: int) -> torch.Tensor:
+        layers, _, _, heads, _, head_dim = self.states.shape
+        shape = (layers, 2, self.capacity, heads, encoder_length, head_dim)
+        return self.cross[: self._size(shape)].view(shape)[:, :, :rows]
+
+    def mask_view(self, rows: int, encoder_length: int) -> torch.Tensor:
+        shape = (self.capacity, 1, 1, encoder_length)  # broadcast over heads and the one query
+        return self.encoder_mask[: self._size(shape)].view(shape)[:rows]
+
+    @staticmethod
+    def _size(shape: tuple[int, ...]) -> int:
+        return int(torch.Size(shape).numel())
+
+
+class StaticDecoder:
+    """The decoding steps of one model over static buffers, kept (with their graphs) across
+    generations; ``start`` begins a generation from the cache of its first step."""
+
+    def __init__(self, model, capture: bool | None = None, buckets: tuple[int, ...] = IMAGE_BUCKETS):
+        """``capture``: record each step shape once in a CUDA graph and replay it (default: on CUDA);
+        off, the same step runs as it is, kernel by kernel."""
+        self.model = model
+        self.decoder = model.model.language_model.decoder
+        device = model.lm_head.weight.device
+        self.capture = device.type == "cuda" if capture is None else capture
+        self.buckets = buckets
+        self.buffers: _Buffers | None = None
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+        # The generation under way: rows, beams, encoder length, whether cross states follow beams.
+        self.rows = self.beams = self.encoder_length = 0
+        self.masked = self.cross_follows_beams = False
+
+    def fits(self, cache) -> bool:
+        """Whether the step mirrors this decoder and cache: BART's layers, transformers' dynamic cache."""
+        return (
+            isinstance(self.decoder, BartDecoder)
+            and all(isinstance(layer, BartDecoderLayer) for layer in self.decoder.layers)
+            and not self.decoder.training
+            and isinstance(cache, EncoderDecoderCache)
+            and all(
+                isinstance(layer, DynamicLayer) and layer.keys is not None
+                for caches in (cache.self_attention_cache, cache.cross_attention_cache)
+                for layer in caches.layers
+            )
+        )
+
+    @torch.inference_mode()
+    def start(
+        self,
+        cache: EncoderDecoderCache,
+        encoder_mask: torch.Tensor | None,
+        beams: int,
+        cache_length: int,
+        cross_beams_alike: bool,
+    ) -> None:
+        """Take over a generation after its first step: ``cache`` holds that step's states (the plain
+        path's), ``encoder_mask`` the prompts' 0/1 mask, ``cache_length`` the positions it may reach.
+        ``cross_beams_alike``: every image's beams hold the same cross-attention states, so they need
+        not follow the beams."""
+        self_layers, cross_layers = cache.self_attention_cache.layers, cache.cross_attention_cache.layers
+        rows, _, written, _ = self_layers[0].keys.shape
+        if beams != self.beams:  # per-image products recorded their split by an image's rows in the graphs
+            self.graphs.clear()
+        self.rows, self.beams = rows, beams
+        self.encoder_length = cross_layers[0].keys.shape[2]
+        self.cross_follows_beams = not cross_beams_alike
+        buffers = self._buffers_for(
+            image_bucket(rows // beams, self.buckets) * beams, cache_length, self.encoder_length
+        )
+        for i, (own, cross) in enumerate(zip(self_layers, cross_layers, strict=True)):
+            buffers.states[i, 0, :rows, :, :written] = own.keys
+            buffers.states[i, 1, :rows, :, :written] = own.values
+            view = buffers.cross_view(rows, self.encoder_length)
+            view[i, 0].copy_(cross.keys)
+            view[i, 1].copy_(cross.values)
+        self.masked = encoder_mask is not None and not bool(encoder_mask.all())
+        if self.masked:
+            minimum = torch.finfo(buffers.logits.dtype).min
+            additive = (1 - encoder_mask.to(buffers.logits.dtype)) * minimum
+            buffers.mask_view(rows, self.encoder_length).copy_(additive[:, None, None, :])
+        buffers.sources[:rows] = torch.arange(rows, device=buffers.sources.device)
+
+    @torch.inference_mode()
+    def reorder(self, origins: torch.Tensor) -> None:
+        """Each row's cache becomes its beam's parent's (``origins``: a row index per row)."""
+        self.buffers.sources[: self.rows] = origins
+        if self.cross_follows_beams:
+            self._gather_rows(origins, with_sources=False)
+
+    @torch.inference_mode()
+    def select(self, kept: torch.Tensor) -> None:
+        """Keep only the rows ``kept`` (indices, in order), gathered to the front."""
+        self._gather_rows(kept, with_sources=True)
+        self.rows = len(kept)
+
+    @torch.inference_mode()
+    def logits(self, flat_running: torch.Tensor) -> torch.Tensor:
+        """One decoding step for the last token of each live row of ``flat_running`` (rows × tokens so
+        far): the next token's float32 logits."""
+        buffers, rows = self.buffers, self.rows
+        position = flat_running.shape[1] - 1
+        buffers.tokens[:rows] = flat_running[:, -1]
+        buffers.position.fill_(position)
+        shape = (
+            image_bucket(rows // self.beams, self.buckets) * self.beams,
+            attended_length(position + 1, buffers.cache_length),
+            self.encoder_length,
+            self.masked,
+        )
+        if self.capture:
+            self._graph(shape).replay()
+        else:
+            self._step(*shape)
+        return buffers.logits[:rows].to(torch.float32, copy=True)
+
+    # -- the step --------------------------------------------------------------------------------
+    def _step(self, rows: int, length: int, encoder_length: int, masked: bool) -> None:
+        """What a graph replays: reorder the cache rows, then the decoder and output layer for one
+        token per row, as transformers' BART decoder computes them."""
+        buffers, decoder = self.buffers, self.decoder
+        position, sources = buffers.position, buffers.sources[:rows]
+        hidden = decoder.embed_tokens(buffers.tokens[:rows, None])
+        hidden = decoder.layernorm_embedding(hidden + decoder.embed_positions(None, position_ids=position))
+        minimum = torch.finfo(buffers.logits.dtype).min
+        written = torch.arange(length, device=position.device) <= position
+        self_mask = torch.where(written, 0.0, minimum).to(buffers.logits.dtype).view(1, 1, 1, length)
+        cross = buffers.cross_view(rows, encoder_length)
+        cross_mask = buffers.mask_view(rows, encoder_length) if masked else None
+        for i, layer in enumerate(decoder.layers):
+            _gather(buffers.states[i, :, :, :, :length], sources)  # a layer at a time: less memory
+            own = buffers.states[i, :, :rows]  # every position: the new one is written in place
+            attention = layer.self_attn
+            for kept, projection in zip(own, (attention.k_proj, attention.v_proj), strict=True):
+                kept.index_copy_(2, position, _heads(projection(hidden), attention))
+            attended = _attend(attention, hidden, own[0, :, :, :length], own[1, :, :, :length], self_mask)
+            hidden = layer.self_attn_layer_norm(hidden + attended)
+            attended = _attend(layer.encoder_attn, hidden, cross[i, 0], cross[i, 1], cross_mask)
+            hidden = layer.encoder_attn_layer_norm(hidden + attended)
+            feed_forward = layer.fc2(layer.activation_fn(layer.fc1(hidden)))
+            hidden = layer.final_layer_norm(hidden + feed_forward)
+        buffers.logits[:rows] = self.model.lm_head(hidden)[:, 0]
+
+    def _gather_rows(self, rows: torch.Tensor, with_sources: bool) -> None:
+        """Row ``i`` of the cross-attention states (and mask, and pending cache sources) becomes row
+        ``rows[i]``'s. The self-attention cache follows at the next step, in the step itself."""
+        buffers, count = self.buffers, len(rows)
+        cross = buffers.cross_view(self.rows, self.encoder_length)
+        for layer in cross:
+            _gather(layer, rows)
+        if with_sources:
+            buffers.sources[:count] = buffers.sources[: self.rows][rows]
+            if self.masked:
+                mask = buffers.mask_view(self.rows, self.encoder_length)
+                mask[:count] = mask[rows]
+
+    # -- buffers and graphs ------------------------------------------------------------------------
+    def _buffers_for(self, rows: int, cache_length: int, encoder_length: int) -> _Buffers:
+        """The buffers, made anew (and every graph dropped) when these rows or lengths do not fit."""
+        current = self.buffers
+        if (
+            current is not None
+            and current.capacity >= rows
+            and current.cache_length == cache_length
+            and current.encoder_capacity >= encoder_length
+        ):
+            return current
+        self.graphs.clear()
+        self.buffers = self.pool = None  # the old memory is free before the new buffers take theirs
+        capacity = max(rows, current.capacity if current else 0)
+        encoder_capacity = max(encoder_length, current.encoder_capacity if current else 0)
+        attention = self.decoder.layers[0].self_attn
+        weight = self.model.lm_head.weight
+        layers, heads, head_dim = len(self.decoder.layers), attention.num_heads, attention.head_dim
+        states = (layers, 2, capacity, heads, cache_length, head_dim)
+        cross = layers * 2 * capacity * heads * encoder_capacity * head_dim
+        on = {"device": weight.device}
+        self.buffers = _Buffers(
+            capacity, cache_length, encoder_capacity,
+            states=torch.zeros(states, dtype=weight.dtype, **on),
+            cross=torch.zeros(cross, dtype=weight.dtype, **on),
+            encoder_mask=torch.zeros(capacity * encoder_capacity, dtype=weight.dtype, **on),
+            tokens=torch.full((capacity,), self.decoder.padding_idx or 0, dtype=torch.long, **on),
+            sources=torch.arange(capacity, **on),
+            position=torch.zeros(1, dtype=torch.long, **on),
+            logits=torch.zeros((capacity, self.model.lm_head.out_features), dtype=weight.dtype, **on),
+        )  # fmt: skip
+        return self.buffers
+
+    def _graph(self, shape: tuple) -> torch.cuda.CUDAGraph:
+        """The captured step for ``shape`` (rows, attended length, encoder length, masked), recorded
+        the first time it is needed. Recording runs the step for real (warm-ups), so meanwhile every
+        row's cache comes from itself and only the new position is written, which the replay
+        overwrites."""
+        graph = self.graphs.get(shape)
+        if graph is not None:
+            return graph
+        sources = self.buffers.sources[: shape[0]]
+        pending = sources.clone()
+        sources.copy_(torch.arange(shape[0], device=sources.device))
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()  # one memory pool: steps replay one at a time
+        try:
+            graph = record(functools.partial(self._step, *shape), self.pool, sources.device)
+        except BaseException:
+            self.graphs.clear()  # a failed capture (out of memory) leaves nothing half made
+            self.buffers = self.pool = None
+            raise
+        sources.copy_(pending)
+        self.graphs[shape] = graph
+        return graph
+
+
+def record(step: Callable[[], None], pool, device: torch.device) -> torch.cuda.CUDAGraph:
+    """``step`` captured in a CUDA graph on ``device`` (memory from ``pool``), after warm-up runs on a
+    side stream (lazy initialisations — cuBLAS workspaces, kernel autotuning — must not happen during
+    capture)."""
+    with torch.cuda.device(device):
+        current = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                step()
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            step()
+    return graph
+
+
+def _gather(states: torch.Tensor, rows: torch.Tensor) -> None:
+    """Keys and values (keys/values, rows, ...): row ``i`` becomes row ``rows[i]``."""
+    states[:, : len(rows)] = states.index_select(1, rows)
+
+
+def _heads(states: torch.Tensor, attention) -> torch.Tensor:
+    """(rows, 1, model dims) to (rows, heads, 1, head dims), as BART's attention lays them out."""
+    return states.view(states.shape[0], 1, -1, attention.head_dim).transpose(1, 2)
+
+
+def _attend(attention, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask) -> torch.Tensor:
+    """``attention``'s output for one query per row over ``keys``/``values``, through the model's
+    attention function (a patched one too, e.g. exact.py's per-image one)."""
+    query = _heads(attention.q_proj(hidden), attention)
+    function = attention_function(attention, attention.config._attn_implementation)
+    output, _ = function(attention, query, keys, values, mask, dropout=0.0, scaling=attention.scaling)
+    return attention.out_proj(output.reshape(hidden.shape[0], 1, -1).contiguous())
