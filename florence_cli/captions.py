@@ -187,6 +187,15 @@ class CaptionFiles:
         self._ledger.close()
 
 
+def join_ledgers(states: list[Path], target: Path) -> None:
+    """Append the caption ledgers of output folders' ``states`` to ``target``'s (``florence merge``)."""
+    with open(target / LEDGER, "ab") as joined:
+        for state in states:
+            if (state / LEDGER).is_file():
+                lines = (state / LEDGER).read_bytes()
+                joined.write(lines if lines.endswith(b"\n") or not lines else lines + b"\n")
+
+
 def metadata_folder(inputs: list[str]) -> Path:
     """The folder ``--hf-metadata`` describes: the run's one input, which must be a folder (file names
     in ``metadata.jsonl`` are relative to the folder it is in)."""

@@ -15,8 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .captions import join_ledgers
 from .config import Shard
 from .discover import name_order
+from .formats.parquet import file_task
 from .journal import read_journal
 from .outdir import STATE, OutputError, OutputFolder, read_settings
 from .tasks import Task, resolve_task
@@ -47,17 +49,19 @@ def merge(folders: list[Path], output: Path) -> MergeSummary:
 
     COCO and Parquet files are rebuilt from the joined journals (images in name order, categories as
     one run lists them); text files are copied; JSONL files in the folders are merged in name order;
-    ``errors.jsonl`` is the shards' errors one after the other.
+    ``errors.jsonl`` is the shards' errors one after the other. The caption files the shards wrote stay
+    florence-cli's (their ledgers are joined), so a rerun on the merged folder may update them.
     """
     folders = [Path(f) for f in folders]
     settings = _common_settings(folders)
     if output.exists() and any(output.iterdir()):
         raise MergeError(f"{output} is not empty; merge into a new folder")
     coco = [_coco_task(folders, name) for name in _same_files(folders, "*.json")]
-    parquet = [resolve_task(Path(name).stem) for name in _same_files(folders, "*.parquet")]
+    parquet = [file_task(folders[0] / name) for name in _same_files(folders, "*.parquet")]
     target = OutputFolder(output, settings)
     try:
         _join_journals(folders, target)
+        join_ledgers([folder / STATE for folder in folders], target.state)
         images = target.write_coco_files(coco, settings["model"], parquet)
         text_files = _copy_text_files(folders, output)
         for name in _same_files(folders, "*.jsonl"):

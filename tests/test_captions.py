@@ -238,3 +238,27 @@ def test_shard_samples_take_captions_under_sidecar_dir_only(annotator, tmp_path)
                for p in (tmp_path / "out" / "caption").rglob("*.txt")}  # fmt: skip
     sidecars = {p.relative_to(captions): p.read_text(encoding="utf-8") for p in captions.rglob("*.txt")}
     assert len(answers) == 2 and sidecars == answers  # a sample's name: <shard>/<key>, so <key>.txt
+
+
+def test_merged_shards_keep_their_captions_and_prompt_files(annotator, images, tmp_path):
+    """Caption files written by --shard runs stay florence-cli's in the merged folder (a rerun with
+    another prefix updates them), and a free prompt's Parquet file merges like a task's."""
+    pytest.importorskip("pyarrow")
+    from florence_cli.config import Shard
+    from florence_cli.merge import merge
+
+    tasks = ["prompt:<GENERATE_TAGS>"]
+    for index in range(2):
+        annotator.run([str(images)], tmp_path / f"part{index}", tasks, shard=Shard.parse(f"{index}/2"),
+                      parquet=True, captions=CaptionOptions(sidecar=True, prefix="a, "))  # fmt: skip
+    merge([tmp_path / "part0", tmp_path / "part1"], tmp_path / "merged")
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "merged" / "prompt-generate_tags.parquet")
+    assert sorted(table.column("name").to_pylist()) == sorted(NAMES)
+    summary = _run(annotator, images, tmp_path / "merged", tasks, sidecar=True, prefix="b, ")
+    assert summary.annotated == 0 and summary.captions_kept == 0
+    answers = _answers(tmp_path / "merged", "prompt-generate_tags")
+    assert {n: (images / n).with_suffix(".txt").read_text(encoding="utf-8") for n in NAMES} == {
+        n: "b, " + a for n, a in answers.items()
+    }

@@ -17,8 +17,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..records import Answer, Instance
-from ..tasks import Output, Task
+from ..tasks import Output, Task, resolve_task
 from ..writers import atomic_writer
+
+TASK_KEY = "florence_task"  # schema metadata: the task a file holds
 
 ROWS = 10_000  # rows per row group
 
@@ -57,9 +59,19 @@ def schema(task: Task):
              "polygons": pa.list_(pa.list_(floats)), "quads": pa.list_(floats)}  # fmt: skip
     common = [("name", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("query", pa.string()),
               ("width", pa.int32()), ("height", pa.int32()), ("raw", pa.string())]  # fmt: skip
-    if task.output is Output.TEXT:
-        return pa.schema([*common, ("text", pa.string())])
-    return pa.schema([*common, *((column, types[column]) for column in _parsed_columns(task))])
+    parsed = (
+        [("text", pa.string())]
+        if task.output is Output.TEXT
+        else [(c, types[c]) for c in _parsed_columns(task)]
+    )
+    return pa.schema([*common, *parsed], metadata={TASK_KEY: task.name})  # the task, for florence merge
+
+
+def file_task(path: Path) -> Task:
+    """The task a Parquet file of ours holds (its name alone does not tell a free prompt's)."""
+    import pyarrow.parquet as pq
+
+    return resolve_task(pq.read_schema(path).metadata[TASK_KEY.encode()].decode("utf-8"))
 
 
 def _parsed_columns(task: Task) -> tuple[str, ...]:
