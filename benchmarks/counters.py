@@ -15,7 +15,7 @@ parameters or buffers (matched by storage), once per call; a lookup (embedding r
 the bytes it returns, and a view (transpose, slice) reads nothing. Operators of the ``florence_cli``
 namespace (florence_cli.invariant's batch-invariant kernels, Triton on CUDA) count as one operator
 each, as one kernel launch, and are computed by their plain-torch stand-ins
-(``florence_cli.invariant.PLAIN_EQUIVALENTS``), so no Triton interpreter is needed: the counts, not
+(``plain_equivalents`` below), so no Triton interpreter is needed: the counts, not
 the bits, matter here.
 """
 
