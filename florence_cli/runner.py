@@ -243,7 +243,8 @@ class _Run:
                 raise _OutputStopped(_cannot_write(self.sink.target, exc)) from exc
 
     def close(self) -> None:
-        """Rebuild the COCO files from everything the journal holds, and release the folder."""
+        """Sort the errors log, rebuild the COCO files from everything the journal holds, and release the
+        folder."""
         if self.bar is not None:
             self.bar.close()
         self.folder.journal.close()
@@ -251,6 +252,7 @@ class _Run:
             self.sink.close()
         coco = [(r.task, list(r.classes) or None) for r in self.requests if r.task.writes_coco]
         try:
+            self.folder.sort_errors()
             self.folder.write_coco_files(coco, self.config.model.name)
         except OSError as exc:
             self.summary.output_error = _cannot_write(self.folder.path, exc)
