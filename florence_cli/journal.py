@@ -174,25 +174,28 @@ class Journal:
             yield answers
 
     def _sorted_records(self, scratch: Path) -> Iterator[dict]:
-        chunks = list(self._sorted_chunks(scratch))
-        merged = heapq.merge(*(_read_chunk(c) for c in chunks), key=lambda item: item[0])
-        for _, group in itertools.groupby((record for _, record in merged), key=lambda r: r["file"]):
-            latest = {job_identity(record): record for record in group}  # later lines win
-            yield from sorted(latest.values(), key=lambda r: (r.get("job_index", 0), job_identity(r)))
-
-    def _sorted_chunks(self, scratch: Path) -> Iterator[Path]:
-        chunk: list[tuple[list, dict]] = []
         with open(self.path, "rb") as file:
-            for line_number, line in enumerate(file):
-                record = read_record(line)
-                if record is None:
-                    continue
-                chunk.append(([name_order(record["file"]), line_number], record))
-                if len(chunk) >= _SORT_CHUNK:
-                    yield _write_chunk(scratch, chunk)
-                    chunk = []
-        if chunk:
-            yield _write_chunk(scratch, chunk)
+            records = (record for record in map(read_record, file) if record is not None)
+            in_order = sort_by_name(records, scratch)
+            for _, group in itertools.groupby(in_order, key=lambda r: r["file"]):
+                latest = {job_identity(record): record for record in group}  # later lines win
+                yield from sorted(latest.values(), key=lambda r: (r.get("job_index", 0), job_identity(r)))
+
+
+def sort_by_name(records: Iterable[dict], scratch: Path) -> Iterator[dict]:
+    """``records`` in name order of their ``file``, stable (one name's records keep their order): sorted
+    in chunks written under ``scratch`` and merged, so memory stays flat however many there are."""
+    chunks: list[Path] = []
+    chunk: list[tuple[list, dict]] = []
+    for position, record in enumerate(records):
+        chunk.append(([name_order(record["file"]), position], record))
+        if len(chunk) >= _SORT_CHUNK:
+            chunks.append(_write_chunk(scratch, chunk))
+            chunk = []
+    if chunk:
+        chunks.append(_write_chunk(scratch, chunk))
+    merged = heapq.merge(*(_read_chunk(c) for c in chunks), key=lambda item: item[0])
+    return (record for _, record in merged)
 
 
 def _reopen_at(path: Path, file, size: int):

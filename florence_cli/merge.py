@@ -20,7 +20,7 @@ from .config import Shard
 from .discover import name_order
 from .formats.parquet import file_task
 from .journal import read_journal
-from .outdir import STATE, OutputError, OutputFolder, read_settings
+from .outdir import STATE, OutputError, OutputFolder, read_errors, read_settings
 from .tasks import Task, resolve_task
 from .writers import atomic_writer
 
@@ -48,9 +48,9 @@ def merge(folders: list[Path], output: Path) -> MergeSummary:
     """Write into ``output`` the files a single run over all the shards' images writes.
 
     COCO and Parquet files are rebuilt from the joined journals (images in name order, categories as
-    one run lists them); text files are copied; JSONL files in the folders are merged in name order;
-    ``errors.jsonl`` is the shards' errors one after the other. The caption files the shards wrote stay
-    florence-cli's (their ledgers are joined), so a rerun on the merged folder may update them.
+    one run lists them); text files are copied; JSONL files in the folders are merged in name order, and
+    ``errors.jsonl`` is sorted as a run sorts its own at its end. The caption files the shards wrote
+    stay florence-cli's (their ledgers are joined), so a rerun on the merged folder may update them.
     """
     folders = [Path(f) for f in folders]
     settings = _common_settings(folders)
@@ -65,7 +65,12 @@ def merge(folders: list[Path], output: Path) -> MergeSummary:
         images = target.write_coco_files(coco, settings["model"], parquet)
         text_files = _copy_text_files(folders, output)
         for name in _same_files(folders, "*.jsonl"):
-            _merge_jsonl([f / name for f in folders], output / name, sort=name != "errors.jsonl")
+            if name != "errors.jsonl":
+                _merge_jsonl([f / name for f in folders], output / name)
+        for folder in folders:
+            for record in read_errors(folder / "errors.jsonl"):
+                target.log_error(record)
+        target.sort_errors()
     finally:
         target.close()
     return MergeSummary(len(folders), images, text_files)
@@ -146,10 +151,9 @@ def _answer_files(folder: Path) -> Iterator[Path]:
         yield from sorted(p for p in task_folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def _merge_jsonl(paths: list[Path], output: Path, sort: bool) -> None:
-    """One line per record; in name order when ``sort`` (a stable sort keeps task order)."""
+def _merge_jsonl(paths: list[Path], output: Path) -> None:
+    """One line per record, in name order (a stable sort keeps task order)."""
     lines = [line for path in paths for line in path.read_text(encoding="utf-8").splitlines(keepends=True)]
-    if sort:
-        lines.sort(key=lambda line: name_order(json.loads(line)["file"]))
+    lines.sort(key=lambda line: name_order(json.loads(line)["file"]))
     with atomic_writer(output) as file:
         file.writelines(lines)

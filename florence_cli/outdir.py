@@ -13,11 +13,13 @@ import errno
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from .formats.coco import write_coco
 from .formats.parquet import write_parquet
-from .journal import AnswerReader, Journal
+from .journal import AnswerReader, Journal, sort_by_name
 from .tasks import Task
 from .writers import atomic_writer, text_path
 
@@ -115,6 +117,17 @@ class OutputFolder:
         self.errors.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.errors.flush()
 
+    def sort_errors(self) -> None:
+        """Rewrite the errors log in name order (an image's errors keep theirs) and close it: errors are
+        logged as they come, which depends on timing and engine; sorted, a run's log is the same
+        whatever ran it, and merged shards' is a single run's."""
+        self.errors.close()
+        path = self.path / "errors.jsonl"
+        with tempfile.TemporaryDirectory(dir=self.state) as scratch:
+            records = sort_by_name(read_errors(path), Path(scratch))
+            with atomic_writer(path) as file:
+                file.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+
     def close(self) -> None:
         for name in ("journal", "errors"):
             if hasattr(self, name):
@@ -122,6 +135,14 @@ class OutputFolder:
         if self._lock is not None:
             os.close(self._lock)  # releases the lock
             self._lock = None
+
+
+def read_errors(path: Path) -> Iterator[dict]:
+    """The records of an errors log; a last line that a killed run cut short is skipped."""
+    with open(path, encoding="utf-8") as file:
+        for line in file:
+            if line.endswith("\n"):
+                yield json.loads(line)
 
 
 def read_settings(folder: Path) -> dict:

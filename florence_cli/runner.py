@@ -335,7 +335,8 @@ class _Run:
                 raise _OutputStopped(_cannot_write(self.sink.target, exc)) from exc
 
     def close(self) -> None:
-        """Rebuild the COCO files from everything the journal holds, and release the folder."""
+        """Sort the errors log, rebuild the COCO files from everything the journal holds, and release the
+        folder."""
         if self.bar is not None:
             self.bar.close()
         try:
@@ -348,6 +349,7 @@ class _Run:
         coco = [(r.task, list(r.classes) or None) for r in self.requests if r.task.writes_coco]
         parquet = list(dict.fromkeys(r.task for r in self.requests)) if self.config.parquet else []
         try:
+            self.folder.sort_errors()
             with self.folder.journal.sorted() as answers:
                 self.folder.write_coco_files(coco, self.config.model.name, parquet, answers)
                 if self.captions and self.captions.metadata_root:
