@@ -188,12 +188,13 @@ class CaptionFiles:
 
 
 def join_ledgers(states: list[Path], target: Path) -> None:
-    """Append the caption ledgers of output folders' ``states`` to ``target``'s (``florence merge``)."""
-    with open(target / LEDGER, "ab") as joined:
-        for state in states:
-            if (state / LEDGER).is_file():
-                lines = (state / LEDGER).read_bytes()
-                joined.write(lines if lines.endswith(b"\n") or not lines else lines + b"\n")
+    """Append the caption ledgers of output folders' ``states`` to ``target``'s (``florence merge``);
+    none is made where no folder wrote captions."""
+    for state in states:
+        lines = (state / LEDGER).read_bytes() if (state / LEDGER).is_file() else b""
+        if lines:
+            with open(target / LEDGER, "ab") as joined:
+                joined.write(lines if lines.endswith(b"\n") else lines + b"\n")
 
 
 def metadata_folder(inputs: list[str]) -> Path:
