@@ -122,30 +122,27 @@ class CaptionFiles:
         return f"{self.options.prefix}{text}{self.options.suffix}"
 
     # -- writing ------------------------------------------------------------------------------
-    def write_sidecar(self, image: ImageRef, text: str) -> bool:
-        """Write ``image``'s caption file; False when a file that is not florence-cli's is kept."""
+    def write_sidecar(self, image: ImageRef, text: str) -> None:
+        """Write ``image``'s caption file, unless a file that is not florence-cli's is there (kept)."""
         data = self.caption(text).encode("utf-8")
         target = self.sidecar_path(image)
         existing = _sha256_of(target)
         new = hashlib.sha256(data).hexdigest()
         if existing == new:
             self._record(target, new)  # the same text: ours from now on, nothing to write
-            return True
-        if not self._may_replace(target, existing):
-            return False
-        self._record(target, new)  # before the file: a crash between leaves no file of ours unlisted
-        with atomic_writer(target, "wb") as file:
-            file.write(data)
-        return True
+        elif self._may_replace(target, existing):
+            self._record(target, new)  # before the file: a crash between leaves no file of ours unlisted
+            with atomic_writer(target, "wb") as file:
+                file.write(data)
 
-    def write_metadata(self, answers: Iterable[Answer]) -> bool:
+    def write_metadata(self, answers: Iterable[Answer]) -> None:
         """Write ``metadata.jsonl`` into the input folder from the journal's ``answers`` (in name order):
         a row per image with a caption, ``file_name`` relative to the folder, a column per text task
         (its folder name: ``more_detailed_caption``, ``prompt-…``) and the caption file's text as
-        ``text``. False when a file that is not florence-cli's is kept."""
+        ``text`` — unless a file that is not florence-cli's is there (kept)."""
         target = self.metadata_root / METADATA
         if not self._may_replace(target, _sha256_of(target)):
-            return False
+            return
         digest = hashlib.sha256()
         with atomic_writer(target, "wb") as file:
             for row in self._metadata_rows(answers):
@@ -153,7 +150,6 @@ class CaptionFiles:
                 digest.update(line)
                 file.write(line)
             self._record(target, digest.hexdigest())  # before the rename puts the file in place
-        return True
 
     def _metadata_rows(self, answers: Iterable[Answer]) -> Iterator[dict]:
         for name, group in itertools.groupby(answers, key=lambda answer: answer.file):
@@ -197,12 +193,13 @@ def join_ledgers(states: list[Path], target: Path) -> None:
                 joined.write(lines if lines.endswith(b"\n") else lines + b"\n")
 
 
-def metadata_folder(inputs: list[str]) -> Path:
+def metadata_folder(inputs: list) -> Path:
     """The folder ``--hf-metadata`` describes: the run's one input, which must be a folder (file names
-    in ``metadata.jsonl`` are relative to the folder it is in)."""
-    if len(inputs) != 1 or inputs[0] == "-" or not os.path.isdir(inputs[0]):
+    in ``metadata.jsonl`` are relative to the folder it is in; a list of paths has none)."""
+    folder = inputs[0] if len(inputs) == 1 else None
+    if not isinstance(folder, str) or folder == "-" or not os.path.isdir(folder):
         raise TaskError("--hf-metadata needs exactly one input, a folder: metadata.jsonl goes in it")
-    return Path(inputs[0])
+    return Path(folder)
 
 
 def _key(target: Path) -> str:

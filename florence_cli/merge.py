@@ -62,7 +62,7 @@ def merge(folders: list[Path], output: Path) -> MergeSummary:
     try:
         _join_journals(folders, target)
         join_ledgers([folder / STATE for folder in folders], target.state)
-        images = target.write_coco_files(coco, settings["model"], parquet)
+        images = target.rebuild_files(coco, settings["model"], parquet)
         text_files = _copy_text_files(folders, output)
         for name in _same_files(folders, "*.jsonl"):
             if name != "errors.jsonl":

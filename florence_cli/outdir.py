@@ -91,7 +91,7 @@ class OutputFolder:
         with atomic_writer(self.text_path(task, name)) as file:
             file.write(text)
 
-    def write_coco_files(
+    def rebuild_files(
         self,
         tasks: list[tuple[Task, list[str] | None]],
         model_name: str,
@@ -103,7 +103,7 @@ class OutputFolder:
         already, else it is sorted once for all of them); returns each COCO file's number of images."""
         if answers is None:
             with self.journal.sorted() as reader:
-                return self.write_coco_files(tasks, model_name, parquet, reader)
+                return self.rebuild_files(tasks, model_name, parquet, reader)
         written = {}
         for task, classes in tasks:
             path = self.path / f"{task.slug}.json"

@@ -173,6 +173,7 @@ class _Run:
     ):
         self.requests = requests
         self.captions = captions
+        self.sidecars = captions if captions and captions.options.sidecars else None  # per image, as answered
         self.folder = folder
         self.config = config
         self.on_error = on_error
@@ -248,7 +249,7 @@ class _Run:
                 key = work_key(found, job.identity())
                 if key not in self.folder.journal.done:
                     jobs.append(replace(job, key=key, text=self._chained_text(found.name, job)))
-                elif self.captions and self.captions.options.sidecars and job.task == self.captions.task:
+                elif self.sidecars and job.task == self.sidecars.task:
                     self._caption_done_image(found)
             self.shards.planned(found, len(planned), pending=bool(jobs), failed=bool(failures))
             if jobs:
@@ -259,10 +260,10 @@ class _Run:
     def _claim_caption(self, image: ImageRef) -> bool:
         """Paths read from standard input were not checked ahead: the second image of a pair that would
         share a sidecar fails, and the first keeps its caption."""
-        if not self.captions or not self.captions.options.sidecars or self.captions.claimed_ahead:
+        if not self.sidecars or self.sidecars.claimed_ahead:
             return True
         try:
-            self.captions.claim(image)
+            self.sidecars.claim(image)
         except CaptionClash as exc:
             self.fail(ImageFailure(image.name, str(exc)))
             return False
@@ -271,13 +272,13 @@ class _Run:
     def _caption_done_image(self, image: ImageRef) -> None:
         """An image answered by an earlier run gets its sidecar too (say, on the first run with
         --sidecar, or with another --prefix), from the answer's text file."""
-        source = self.folder.text_path(self.captions.task, image.name)
+        source = self.folder.text_path(self.sidecars.task, image.name)
         try:
             text = source.read_text(encoding="utf-8")
         except OSError:
             return  # its text file is gone: the sidecar of a later rerun with --overwrite
         try:
-            self.captions.write_sidecar(image, text)
+            self.sidecars.write_sidecar(image, text)
         except OSError as exc:
             self._cannot_write_for(image.name, exc)
 
@@ -308,8 +309,8 @@ class _Run:
                 for answer in result.answers:
                     if not answer.task.writes_coco:
                         self.folder.write_text(answer.task, result.item.name, answer.text)
-                    if self.captions and self.captions.options.sidecars and answer.task == self.captions.task:
-                        self.captions.write_sidecar(result.item, answer.text)
+                    if self.sidecars and answer.task == self.sidecars.task:
+                        self.sidecars.write_sidecar(result.item, answer.text)
             except OSError as exc:
                 self._cannot_write_for(result.item.name, exc)
                 continue
@@ -351,7 +352,7 @@ class _Run:
         try:
             self.folder.sort_errors()
             with self.folder.journal.sorted() as answers:
-                self.folder.write_coco_files(coco, self.config.model.name, parquet, answers)
+                self.folder.rebuild_files(coco, self.config.model.name, parquet, answers)
                 if self.captions and self.captions.metadata_root:
                     self.captions.write_metadata(answers(None))
         except OSError as exc:

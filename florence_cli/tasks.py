@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ _SLUG_LENGTH = 48
 _PROMPT_TOKEN = re.compile(r"<[A-Z0-9_]+>")
 
 
+@functools.lru_cache(maxsize=64)  # each journal line names its task: one check per prompt, not per line
 def prompt_task(prompt: str) -> Task:
     """The task that sends ``prompt`` to the model as written, as fine-tuned captioners are prompted
     (e.g. PromptGen's ``<GENERATE_TAGS>``), and answers text: what the processor does with a prompt
@@ -116,6 +118,7 @@ def prompt_task(prompt: str) -> Task:
     return Task(name, Output.TEXT, TextInput.NONE, "pure_text", "free prompt", prompt=prompt)
 
 
+@functools.lru_cache(maxsize=64)
 def prompt_slug(prompt: str) -> str:
     """A free prompt's folder name: a prompt token such as ``<GENERATE_TAGS>`` gives
     ``prompt-generate_tags``; any other prompt its words, lowercase and cut short, and a digest of the

@@ -269,13 +269,17 @@ def _annotate(inputs: tuple[str, ...], flags: dict):
             flags["ground_from"], flags["region"], list(flags["prompts"]),
         )  # fmt: skip
         captions = _caption_options(flags)
-        if caption_task(captions, [request.task for request in requests]) and captions.hf_metadata:
-            metadata_folder(list(inputs))
+        caption_task(captions, [request.task for request in requests])  # refuses what cannot be meant
     except TaskError as exc:
         raise click.UsageError(str(exc)) from None
     _check_engine(flags)
     stdin_lines = _stdin_lines(inputs)
     inputs = _with_path_list(inputs, flags)
+    if captions.hf_metadata:
+        try:
+            metadata_folder(inputs)  # the run's inputs, a --from-parquet list among them
+        except TaskError as exc:
+            raise click.UsageError(str(exc)) from None
     config = replace(_config(flags), captions=captions)
     try:
         checkpoint_layout(locate_model(config.model.name, config.model.allow_pickle))
