@@ -7,7 +7,7 @@ makes, ``{idx, path, jobs}`` of each image — and yields the results in submiss
 shard — the batches that start in it — or per batch of files (``BatchSource``), so a cluster splits
 the reading by shard. A batch that a crash took with it is tried again,
 then its images one at a time; those still missing become ``lost`` errors, which are never journaled,
-so a re-run retries them.
+so a re-run retries them. Each pass's replicas live in a placement group that ends with the pass.
 
 Only ``--engine ray`` imports this module; it imports neither torch nor transformers at the top, so
 decode tasks stay light.
@@ -34,6 +34,8 @@ import ray.data
 import ray.exceptions
 from ray.data.exceptions import ExecutionTimeoutError
 from ray.util.annotations import RayDeprecationWarning
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .answer import AnswererBuilder
 from .config import RunConfig
@@ -59,8 +61,7 @@ class RayOptions:
     address: str | None = None  # None: start Ray on this machine; "auto" or HOST:PORT: join a cluster
     gpu_workers: int | None = None  # model replicas; default: one per GPU (one on CPUs without GPUs)
     decode_cpus: int | None = None  # decode tasks at once; default: the CPUs the replicas leave
-    no_progress_timeout_s: float = 600.0  # fail what is left when nothing moves this long
-    max_actor_restarts: int = 4  # per replica: a crash restarts it (and reloads the model) this often
+    no_progress_timeout_s: float = 600.0  # a pass that moves nothing this long ends (a hang); -1: never
     reorder_window: int = 4096  # results held back to keep submission order
 
 
@@ -307,9 +308,11 @@ class RayEngine:
             local = {} if address else {"include_dashboard": False}
             try:
                 _check_reachable(address)
+                if address:
+                    _present_token_at_hand()
                 ray.init(address=address or "local", logging_level=logging.ERROR, **local)
-            except (OSError, RuntimeError, ValueError) as exc:
-                raise RayEngineError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+            except (OSError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as exc:
+                raise RayEngineError(_cannot_join(address, exc)) from None
             self._started_ray = True
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
@@ -330,12 +333,14 @@ class RayEngine:
         order = Reorder(self.options.reorder_window)
         size = self.config.batch_size_on("cuda" if placement.replica_gpus else "cpu")
         reason = LOST
-        for alone in (False, True):  # the model batches; then the images of those a crash lost, alone
+        for alone in (False, True):  # the model batches; then, one at a time, the images still missing
             if not outstanding:
                 break
             rows = _rows(work, sorted(outstanding), 1 if alone else size)
+            replicas = _reserve(placement, min(placement.replicas, len(rows)))
+            reason = LOST
             try:
-                for batch in self._dataset(rows, placement, alone).iter_batches(
+                for batch in self._dataset(rows, placement, replicas).iter_batches(
                     batch_size=None, batch_format="numpy"
                 ):
                     released = []
@@ -345,22 +350,29 @@ class RayEngine:
                             released += order.add(idx, result)
                     if released:
                         yield released
-            except ExecutionTimeoutError:
+            except ExecutionTimeoutError:  # no proof of guilt: what is missing is tried alone, then reported
                 reason = f"lost: no progress for {self.options.no_progress_timeout_s:g} s"
-                break
             except ray.exceptions.ActorDiedError as exc:  # its __init__ failed: every replica would
                 last_line = str(exc).strip().splitlines()[-1]
                 raise RayEngineError(f"a model replica could not start: {last_line}") from None
+            finally:
+                # Ray Data lets a pass's replicas go by dropping its handles, and one that is restarting
+                # after a crash then comes back and holds its GPU until the driver exits, starving the
+                # next pass; removing the group ends every replica of the pass, restarting or not.
+                ray.util.remove_placement_group(replicas)
         lost: list[ItemResult] = []
         for idx in sorted(outstanding):
             lost += order.add(idx, ItemResult(work[idx], failure=ImageFailure(work[idx].name, reason)))
         if lost:
             yield lost
 
-    def _dataset(self, rows: list[dict], placement: Placement, alone: bool) -> ray.data.Dataset:
-        """Decode (read) tasks → model actors, a row (a model batch) per block. One call in flight per
-        replica, so a crash takes no other batch with it; a crashed batch is tried once more, unless
-        ``alone``."""
+    def _dataset(self, rows: list[dict], placement: Placement, replicas: PlacementGroup) -> ray.data.Dataset:
+        """Decode (read) tasks → model actors in the placement group ``replicas``, a row (a model
+        batch) per block. One call in flight per replica, so a crash takes no other batch with it. A
+        replica restarts after every crash (reloading the model) and its call is tried once more, for
+        one death may be another process's doing (the OOM killer, a lost node). Restarts are not
+        capped: the retries bound them (a file that crashes every time costs four), and a replica used
+        up by other files' crashes would leave its pass waiting for good."""
         groups = read_groups(rows)
         with warnings.catch_warnings():  # Ray 2.60 deprecates these retry arguments but has no replacement
             warnings.simplefilter("ignore", RayDeprecationWarning)
@@ -372,18 +384,22 @@ class RayEngine:
         context.enable_progress_bars = False  # the driver shows its own
         context.max_errored_blocks = -1  # a block whose worker crashed is reconciled, not fatal
         context.execution_no_progress_timeout_s = self.options.no_progress_timeout_s
-        pool = ray.data.ActorPoolStrategy(
-            size=min(placement.replicas, len(rows)), max_tasks_in_flight_per_actor=1
-        )
+        pool = ray.data.ActorPoolStrategy(size=replicas.bundle_count, max_tasks_in_flight_per_actor=1)
         with warnings.catch_warnings():  # as above
             warnings.simplefilter("ignore", RayDeprecationWarning)
             return dataset.map_batches(
                 ModelStage, fn_constructor_kwargs={"build": self.build, "device": placement.device,
                 "resize": self.resize, "threads": self.threads}, batch_size=1, batch_format="numpy",
-                compute=pool,
+                compute=pool, scheduling_strategy=PlacementGroupSchedulingStrategy(replicas),
                 num_gpus=placement.replica_gpus, num_cpus=placement.replica_cpus,
-                max_restarts=self.options.max_actor_restarts, max_task_retries=0 if alone else 1,
+                max_restarts=-1, max_task_retries=1,
             )  # fmt: skip
+
+
+def _reserve(placement: Placement, replicas: int) -> PlacementGroup:
+    """A placement group of one bundle per replica (its GPU and CPU share), for one pass."""
+    bundle = {"GPU": placement.replica_gpus, "CPU": placement.replica_cpus}
+    return ray.util.placement_group([{k: v for k, v in bundle.items() if v}] * replicas)
 
 
 def _check_reachable(address: str | None) -> None:
@@ -391,6 +407,52 @@ def _check_reachable(address: str | None) -> None:
     host, _, port = (address or "").rpartition(":")
     if host and port.isdigit():
         socket.create_connection((host, int(port)), timeout=10).close()
+
+
+_TOKEN_HELP = (
+    "set RAY_AUTH_TOKEN to the cluster's token (the head node's ~/.ray/auth_token), or copy that file here"
+)
+
+
+def _present_token_at_hand() -> None:
+    """Join with this machine's Ray auth token, if it has one. Ray 2.60 sends it by itself only to
+    ``auto``; yet ``ray start`` turns token authentication on wherever a token exists (any local Ray
+    run writes ``~/.ray/auth_token``), and a cluster without it ignores one. ``RAY_AUTH_MODE`` set by
+    the user is obeyed."""
+    from ray._private.authentication import authentication_token_setup as auth
+
+    logging.getLogger(auth.__name__).setLevel(logging.ERROR)  # not its note that the cluster uses tokens
+    auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def _token_source() -> str | None:
+    """Where this machine's Ray auth token is, looked for in Ray's order; None: nowhere."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return "RAY_AUTH_TOKEN"
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        return str(path) if path.read_text(encoding="utf-8").strip() else None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _cannot_join(address: str | None, exc: BaseException) -> str:
+    """Why joining failed, in one line; a token the cluster refused or wants is named as the cause."""
+    causes: list[BaseException] = []
+    while exc is not None and exc not in causes:
+        causes.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    refused = any(
+        isinstance(c, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in str(c) for c in causes
+    )
+    if not refused:
+        return f"cannot reach the Ray cluster at {address}: {causes[0]}"
+    source = _token_source()
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return f"the Ray cluster at {address} wants an auth token, which RAY_AUTH_MODE=disabled withholds"
+    if source is None:
+        return f"the Ray cluster at {address} wants an auth token, and this machine has none: {_TOKEN_HELP}"
+    return f"the Ray cluster at {address} refused the auth token in {source}: {_TOKEN_HELP}"
 
 
 def _rows(work: list[WorkItem], indices: list[int], size: int) -> list[dict]:

@@ -47,8 +47,9 @@ def output_files(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in files}
 
 
-def kill_mid_run(command: list[str], journal: Path, min_lines: int) -> int:
-    """Start ``command``, ``kill -9`` it once its journal holds ``min_lines`` lines; return how many."""
+def kill_mid_run(command: list[str], journal: Path, min_lines: int, env: dict | None = None) -> int:
+    """Start ``command`` (in ``env``), ``kill -9`` it once its journal holds ``min_lines`` lines; return
+    how many."""
     import os
     import signal
     import subprocess
@@ -57,7 +58,7 @@ def kill_mid_run(command: list[str], journal: Path, min_lines: int) -> int:
 
     # stderr to a file: a pipe nobody reads fills up with a chatty run's warnings and stalls it
     with tempfile.TemporaryFile() as stderr:
-        process = subprocess.Popen(command, stderr=stderr)
+        process = subprocess.Popen(command, stderr=stderr, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         if journal.exists() and journal.read_bytes().count(b"\n") >= min_lines:

@@ -60,7 +60,7 @@ def test_every_kind_of_answer_has_typed_columns_one_entry_per_instance(tmp_path,
     assert pq.read_table(empty).num_rows == 0 and "bboxes" in pq.read_schema(empty).names
 
 
-def test_a_run_writes_every_answer_of_the_folder_readable_by_pandas_and_datasets(
+def test_a_run_writes_every_answer_of_the_folder_readable_by_pandas_datasets_and_duckdb(
     annotator, tmp_path, monkeypatch
 ):
     from .conftest import random_image
@@ -102,3 +102,12 @@ def test_a_run_writes_every_answer_of_the_folder_readable_by_pandas_and_datasets
         "parquet", data_files="out/od.parquet", split="train", cache_dir="hf-cache"
     )
     assert loaded.num_rows == 7 and loaded[4]["key"] == "k0" and loaded[0]["bboxes"] == od[0]["bboxes"]
+    duckdb = pytest.importorskip("duckdb")
+    rows = duckdb.sql(
+        "SELECT o.name, o.key, o.bboxes, c.text FROM 'out/od.parquet' o JOIN 'out/caption.parquet' c "
+        "USING (name) ORDER BY o.name"
+    ).fetchall()  # the join a user makes: detections and captions of each sample, on its name
+    assert [(name, key) for name, key, _, _ in rows] == [(row["name"], row["key"]) for row in od]
+    assert [(bboxes, text) for _, _, bboxes, text in rows] == [
+        (row["bboxes"], caption["text"]) for row, caption in zip(od, captions, strict=True)
+    ]

@@ -1,5 +1,7 @@
-"""The Ray engine on one simulated cluster (2 CPUs, 2 declared GPUs): the same files as a local run,
-nothing lost and nothing twice when replicas crash, exit or are killed, or when the driver is."""
+"""The Ray engine on one simulated cluster (2 CPUs, 2 declared GPUs, token authentication on, as
+``ray start`` runs where a token exists): the same files as a local run, nothing lost and nothing
+twice when replicas crash, exit, hang or are killed, or when the driver is; no replica outlives its
+run. The module runs in a home and a Ray temp folder of its own: the user's Ray state plays no part."""
 
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +27,7 @@ from .helpers import kill_mid_run, output_files, read_jsonl
 
 TASKS = ["OD", "CAPTION"]
 BATCH = 3
+TOKEN = "florence-test-token-" + "0" * 44  # the cluster's; Ray's own are 64 hex digits
 
 
 # -- a replica that reports itself and fails on named files, for the tests --------------------------
@@ -31,13 +37,22 @@ def _probe_builder_class():
     @dataclass(frozen=True)
     class ProbeBuilder(AnswererBuilder):
         """Each replica writes {pid, CUDA_VISIBLE_DEVICES, node} to ``probe_dir``; a batch holding
-        ``crash.png`` kills its process, one holding ``exit.png`` calls ``sys.exit(0)``."""
+        ``crash.png`` kills its process, one holding ``exit.png`` calls ``sys.exit(0)``, one holding
+        ``hang.png`` blocks for good. With ``hold_after_crashes``, the first replica to start after
+        that many crashes stops in its start for good, and a batch holding ``wait.png`` waits for it.
+        Each crash, hang and hold leaves a file ``<what>-<pid>`` in ``probe_dir``."""
 
         probe_dir: str = ""
+        hold_after_crashes: int = 0
 
         def __call__(self, device=None):
             import ray
 
+            probes = Path(self.probe_dir)
+            crashes = len(_marked(probes, "crash"))
+            if self.hold_after_crashes and crashes >= self.hold_after_crashes and not _marked(probes, "hold"):
+                _mark(probes, "hold")
+                threading.Event().wait()
             answerer = super().__call__(device)
             record = {
                 "pid": os.getpid(),
@@ -50,9 +65,15 @@ def _probe_builder_class():
             def faulty(images):
                 names = {Path(image.ref.path).name for image in images}
                 if "crash.png" in names:
+                    _mark(probes, "crash")
                     os._exit(1)
                 if "exit.png" in names:
                     sys.exit(0)
+                if "hang.png" in names:
+                    _mark(probes, "hang")
+                    threading.Event().wait()
+                if "wait.png" in names:
+                    _wait_for(lambda: list(probes.glob("hold-*")))
                 return answer(images)
 
             answerer.answer_safely = faulty
@@ -61,12 +82,61 @@ def _probe_builder_class():
     return ProbeBuilder
 
 
+def _mark(probes: Path, what: str) -> None:
+    (probes / f"{what}-{os.getpid()}").touch()
+
+
+def _marked(probes: Path, what: str) -> list[int]:
+    return [int(p.name.rpartition("-")[2]) for p in probes.glob(f"{what}-*")]
+
+
+def _wait_for(condition, timeout_s: float = 600) -> bool:
+    """Whether ``condition()`` came true before ``timeout_s`` (a bound for a failing test, not a pace)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 # -- fixtures: one Ray cluster, one input folder, one local run to compare with ----------------------
 @pytest.fixture(scope="module")
-def cluster():
+def ray_home():
+    """A home holding the cluster's token and nothing else of Ray, a Ray temp folder (short: Ray's
+    socket paths must fit), and no Ray settings from the user's environment."""
+    with pytest.MonkeyPatch.context() as env, tempfile.TemporaryDirectory(prefix="ray-") as scratch:
+        home = Path(scratch, "home")
+        (home / ".ray").mkdir(parents=True)
+        (home / ".ray" / "auth_token").write_text(TOKEN)
+        env.setenv("HOME", str(home))
+        env.setenv("RAY_TMPDIR", str(Path(scratch, "tmp")))
+        for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+            env.setenv(name, "")  # recorded first, so that what Ray sets later is undone too
+            env.delenv(name)
+        yield home
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_home):
+    """Nodes with token authentication: this process takes up the token in its home as
+    ``--ray-address HOST:PORT`` does (Ray itself would not, for an explicit address), and the nodes it
+    starts inherit the mode (``RAY_AUTH_MODE=token``), as ``ray start`` takes it up."""
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
+    from florence_cli.ray_engine import _present_token_at_hand
+
+    _present_token_at_hand()
+    assert os.environ["RAY_AUTH_MODE"] == "token"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2})
     ray.init(address=cluster.address, logging_level="ERROR")
     yield cluster
@@ -114,8 +184,10 @@ def _engine(tiny_model, probe_dir: Path, **options):
     probe_dir.mkdir(exist_ok=True)
     generation = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
     config = RunConfig(ModelConfig(str(tiny_model)), batch_size=BATCH, generation=generation)
-    options = RayOptions(**{"no_progress_timeout_s": 30, **options})
-    return RayEngine(config, options, build=_probe_builder_class()(config, probe_dir=str(probe_dir)))
+    hold = options.pop("hold_after_crashes", 0)
+    build = _probe_builder_class()(config, probe_dir=str(probe_dir), hold_after_crashes=hold)
+    # no time limit but where one is the test: a loaded machine takes minutes to start a replica
+    return RayEngine(config, RayOptions(**{"no_progress_timeout_s": -1, **options}), build=build)
 
 
 def _probes(probe_dir: Path) -> list[dict]:
@@ -182,17 +254,32 @@ def test_a_file_that_crashes_or_exits_the_worker_fails_alone(
     assert "crash.png" not in journaled and "exit.png" not in journaled  # a re-run retries them
 
 
-def test_a_stalled_job_ends_and_reports_what_is_left(cluster, tiny_model, folder, tmp_path):
+def test_a_replica_restarting_when_its_pass_ends_does_not_outlive_it(cluster, tiny_model, folder, tmp_path):
+    """Ray Data lets a pass's replicas go by dropping their handles; one that is restarting then comes
+    back and keeps its GPU, and the next pass (or run) waits for a GPU that never comes."""
+    inputs = tmp_path / "imgs"
+    write_images(inputs, 2)  # [crash.png img00 img01] [wait.png]: the first batch crashes its replica
+    shutil.copy(folder / "img00.png", inputs / "crash.png")  # twice; the replica's restart then stops,
+    shutil.copy(folder / "img01.png", inputs / "wait.png")  # and the other batch waits for that
+    probes = tmp_path / "probes"
+    summary = _engine(tiny_model, probes, hold_after_crashes=2).run([str(inputs)], tmp_path / "out", TASKS)
+    assert (summary.annotated, summary.failed) == (3, 1)
+    assert len(_marked(probes, "crash")) == 4  # twice in its batch, twice alone: then it is guilty
+    [held] = _marked(probes, "hold")
+    assert _wait_for(lambda: _gone(held)), "the replica restarting at the end of a pass is left running"
+
+
+def test_a_hung_replica_ends_its_pass_which_reports_what_is_left(cluster, tiny_model, folder, tmp_path):
     inputs = tmp_path / "imgs"
     write_images(inputs, 4)
-    shutil.copy(folder / "img00.png", inputs / "crash.png")  # the first batch: its replica dies for good
-    engine = _engine(
-        tiny_model, tmp_path / "probes", gpu_workers=1, max_actor_restarts=0, no_progress_timeout_s=3
-    )
+    shutil.copy(folder / "img00.png", inputs / "hang.png")  # its replica never answers again
+    probes = tmp_path / "probes"
+    engine = _engine(tiny_model, probes, gpu_workers=1, no_progress_timeout_s=3)
     summary = engine.run([str(inputs)], tmp_path / "out", ["CAPTION"])
     assert summary.annotated + summary.failed == 5  # it ended, and every image is accounted for
     errors = {e["file"]: e["error"] for e in read_jsonl(tmp_path / "out" / "errors.jsonl")}
-    assert "crash.png" in errors and set(errors.values()) == {"lost: no progress for 3 s"}
+    assert "hang.png" in errors and set(errors.values()) == {"lost: no progress for 3 s"}
+    assert all(_wait_for(lambda pid=pid: _gone(pid)) for pid in _marked(probes, "hang"))
 
 
 def _cli(model, folder, out, address):
@@ -202,21 +289,42 @@ def _cli(model, folder, out, address):
             "--engine", "ray", "--ray-address", address]  # fmt: skip
 
 
-def test_driver_killed_then_resumed_gives_the_uninterruptedoutput_files(
+def _cli_env(**changes: str) -> dict[str, str]:
+    """This process's environment less the token mode it joined with: the CLI finds the token itself."""
+    return {**{k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}, **changes}
+
+
+def test_driver_killed_then_resumed_gives_the_uninterrupted_output_files(
     cluster, tiny_model, folder, local_runs, tmp_path
 ):
     out = tmp_path / "out"
     command = _cli(tiny_model, folder, out, cluster.address)
-    done_before = kill_mid_run(command, out / ".florence" / "journal.jsonl", 4)
+    done_before = kill_mid_run(command, out / ".florence" / "journal.jsonl", 4, env=_cli_env())
     assert 0 < done_before < 12 * len(TASKS), "the kill must land mid-run"
-    rerun = subprocess.run(command, capture_output=True, text=True)
+    rerun = subprocess.run(command, capture_output=True, text=True, env=_cli_env())
     assert rerun.returncode == 1, rerun.stderr  # junk.png
     assert output_files(out) == output_files(
         local_runs(1)
     )  # batches of one: a resumed run makes the same batches
 
 
-def test_a_two_node_cluster_gives_the_sameoutput_files(cluster, tiny_model, folder, local_run, tmp_path):
+@pytest.mark.parametrize("has_token", [True, False])
+def test_a_token_the_cluster_refuses_or_misses_is_named(cluster, tiny_model, folder, tmp_path, has_token):
+    # a wrong token in RAY_AUTH_TOKEN (which Ray reads before ~/.ray/auth_token), or a home without one
+    setting = {"RAY_AUTH_TOKEN": "not-the-clusters-token"} if has_token else {"HOME": str(tmp_path)}
+    env = _cli_env(RAY_NUM_REDIS_GET_RETRIES="1", **setting)  # Ray's retries cannot help a token
+    command = _cli(tiny_model, folder, tmp_path / "out", cluster.address)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 2, result.stderr
+    cause = (
+        "refused the auth token in RAY_AUTH_TOKEN"
+        if has_token
+        else "wants an auth token, and this machine has none"
+    )
+    assert f"{cause}: set RAY_AUTH_TOKEN" in result.stderr.strip().splitlines()[-1], result.stderr
+
+
+def test_a_two_node_cluster_gives_the_same_output_files(cluster, tiny_model, folder, local_run, tmp_path):
     node = cluster.add_node(num_cpus=1, num_gpus=1)
     cluster.wait_for_nodes()
     try:

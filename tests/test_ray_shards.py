@@ -12,7 +12,7 @@ from florence_cli.tarshards import Member
 
 from .conftest import MAX_NEW_TOKENS, random_image
 from .helpers import image_bytes, output_files, read_jsonl, write_shard
-from .test_ray import BATCH, TASKS, _engine, cluster  # noqa: F401 - cluster: the simulated cluster fixture
+from .test_ray import BATCH, TASKS, _engine, cluster, ray_home  # noqa: F401 - the simulated cluster, in its own Ray home
 
 pytest.importorskip("ray")
 

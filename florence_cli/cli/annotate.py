@@ -213,7 +213,8 @@ def _device(ctx, param, value: str) -> str:
 @click.option(
     "--ray-address",
     metavar="ADDRESS",
-    help="--engine ray: join this cluster (auto or HOST:PORT), not a local Ray.",
+    help="--engine ray: join this cluster (auto or HOST:PORT), with this machine's Ray auth token if it "
+    "has one (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), not a local Ray.",
 )
 @click.option(
     "--gpu-workers", type=click.IntRange(min=1), help="--engine ray: model replicas (default: one per GPU)."
