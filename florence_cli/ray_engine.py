@@ -332,7 +332,6 @@ class RayEngine:
         outstanding = set(range(len(work)))
         order = Reorder(self.options.reorder_window)
         size = self.config.batch_size_on("cuda" if placement.replica_gpus else "cpu")
-        reason = LOST
         for alone in (False, True):  # the model batches; then, one at a time, the images still missing
             if not outstanding:
                 break
@@ -447,9 +446,9 @@ def _cannot_join(address: str | None, exc: BaseException) -> str:
     )
     if not refused:
         return f"cannot reach the Ray cluster at {address}: {causes[0]}"
-    source = _token_source()
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return f"the Ray cluster at {address} wants an auth token, which RAY_AUTH_MODE=disabled withholds"
+    source = _token_source()
     if source is None:
         return f"the Ray cluster at {address} wants an auth token, and this machine has none: {_TOKEN_HELP}"
     return f"the Ray cluster at {address} refused the auth token in {source}: {_TOKEN_HELP}"

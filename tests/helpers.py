@@ -54,19 +54,31 @@ def kill_mid_run(command: list[str], journal: Path, min_lines: int, env: dict | 
     import signal
     import subprocess
     import tempfile
-    import time
 
     # stderr to a file: a pipe nobody reads fills up with a chatty run's warnings and stalls it
     with tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(command, stderr=stderr, env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if journal.exists() and journal.read_bytes().count(b"\n") >= min_lines:
-            break
-        time.sleep(0.02)
+    wait_until(lambda: process.poll() is not None or line_count(journal) >= min_lines, timeout_s=120)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    return journal.read_bytes().count(b"\n")
+    return line_count(journal)
+
+
+def line_count(path: Path) -> int:
+    """The lines of ``path`` so far (0 before it exists)."""
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def wait_until(condition, timeout_s: float = 600) -> bool:
+    """Whether ``condition()`` came true before ``timeout_s`` (a bound for a failing test, not a pace)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:

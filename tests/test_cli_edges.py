@@ -24,7 +24,7 @@ from florence_cli.config import GenerationSettings
 from florence_cli.outdir import OutputFolder
 
 from .conftest import MAX_NEW_TOKENS, Reference, random_image, write_images
-from .helpers import output_files, read_jsonl
+from .helpers import line_count, output_files, read_jsonl, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -415,10 +415,8 @@ def test_a_closed_stdout_ends_the_run_quietly_with_what_was_done_journaled(tiny_
 
 
 def _wait_for_lines(path: Path, count: int, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 300
-    while not (path.exists() and path.read_bytes().count(b"\n") >= count):
-        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it was stopped"
-        time.sleep(0.05)
+    wait_until(lambda: process.poll() is not None or line_count(path) >= count, timeout_s=300)
+    assert line_count(path) >= count, "the run ended before it was stopped"
 
 
 @pytest.mark.parametrize(("stop", "code"), [("ctrl-c", 130), ("SIGTERM", 143)])
@@ -478,9 +476,7 @@ def test_decode_processes_end_with_a_run_killed_by_sigkill(tiny_model, tmp_path)
     assert len(_session_processes(process.pid)) >= 2  # the run and its decode process (and tracker)
     process.kill()
     process.wait()
-    deadline = time.monotonic() + 120
-    while _session_processes(process.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: not _session_processes(process.pid), timeout_s=120)
     assert _session_processes(process.pid) == []
 
 

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from click.testing import CliRunner
 from florence_cli.cli import main
 
 from .conftest import MAX_NEW_TOKENS, write_images
-from .helpers import kill_mid_run, output_files, read_jsonl
+from .helpers import kill_mid_run, output_files, read_jsonl, wait_until
 
 TASKS = ["OD", "CAPTION"]
 BATCH = 3
@@ -73,7 +72,7 @@ def _probe_builder_class():
                     _mark(probes, "hang")
                     threading.Event().wait()
                 if "wait.png" in names:
-                    _wait_for(lambda: list(probes.glob("hold-*")))
+                    wait_until(lambda: list(probes.glob("hold-*")))
                 return answer(images)
 
             answerer.answer_safely = faulty
@@ -88,16 +87,6 @@ def _mark(probes: Path, what: str) -> None:
 
 def _marked(probes: Path, what: str) -> list[int]:
     return [int(p.name.rpartition("-")[2]) for p in probes.glob(f"{what}-*")]
-
-
-def _wait_for(condition, timeout_s: float = 600) -> bool:
-    """Whether ``condition()`` came true before ``timeout_s`` (a bound for a failing test, not a pace)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def _gone(pid: int) -> bool:
@@ -266,7 +255,7 @@ def test_a_replica_restarting_when_its_pass_ends_does_not_outlive_it(cluster, ti
     assert (summary.annotated, summary.failed) == (3, 1)
     assert len(_marked(probes, "crash")) == 4  # twice in its batch, twice alone: then it is guilty
     [held] = _marked(probes, "hold")
-    assert _wait_for(lambda: _gone(held)), "the replica restarting at the end of a pass is left running"
+    assert wait_until(lambda: _gone(held)), "the replica restarting at the end of a pass is left running"
 
 
 def test_a_hung_replica_ends_its_pass_which_reports_what_is_left(cluster, tiny_model, folder, tmp_path):
@@ -279,7 +268,7 @@ def test_a_hung_replica_ends_its_pass_which_reports_what_is_left(cluster, tiny_m
     assert summary.annotated + summary.failed == 5  # it ended, and every image is accounted for
     errors = {e["file"]: e["error"] for e in read_jsonl(tmp_path / "out" / "errors.jsonl")}
     assert "hang.png" in errors and set(errors.values()) == {"lost: no progress for 3 s"}
-    assert all(_wait_for(lambda pid=pid: _gone(pid)) for pid in _marked(probes, "hang"))
+    assert all(wait_until(lambda pid=pid: _gone(pid)) for pid in _marked(probes, "hang"))
 
 
 def _cli(model, folder, out, address):
