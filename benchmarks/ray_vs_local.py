@@ -19,6 +19,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from throughput import write_images
 
-from florence_cli.annotate import Annotator
+from florence_cli import runner
 from florence_cli.config import GenerationSettings, ModelConfig, RunConfig
 from florence_cli.engine import LocalEngine
+from florence_cli.jobs import parse_requests
 from florence_cli.testing.tiny import build_random
 
 
@@ -66,20 +68,22 @@ def files(out: Path) -> dict[str, bytes]:
 
 
 def run_local(scratch: Path, images: Path, args, config: RunConfig) -> tuple[dict, torch.device]:
-    annotator = Annotator.from_config(config)  # loaded before the clock starts
-    engine = LocalEngine(lambda: annotator.answerer, args.workers)
+    config = replace(config, output=scratch / "local", workers=args.workers)
+    engine = LocalEngine(config)
+    engine.start()  # the model loads before the clock starts
     clock = engine.results = Clock(engine.results)
-    run = lambda: annotator.run([str(images)], scratch / "local", [args.task], engine=engine)  # noqa: E731
-    return timed(run, clock), annotator.model.device
+    run = lambda: runner.run([str(images)], parse_requests([args.task]), config, engine)  # noqa: E731
+    return timed(run, clock), engine.answerer.model.device
 
 
 def run_ray(scratch: Path, images: Path, args, config: RunConfig) -> dict:
     from florence_cli.ray_engine import RayEngine
 
+    config = replace(config, output=scratch / "ray")
     engine = RayEngine(config)
     clock = engine.results = Clock(engine.results)
-    engine.connect()  # Ray's own start is not the engine's throughput; the replicas' start is
-    return timed(lambda: engine.run([str(images)], scratch / "ray", [args.task]), clock)
+    engine.start()  # Ray's own start is not the engine's throughput; the replicas' start is
+    return timed(lambda: runner.run([str(images)], parse_requests([args.task]), config, engine), clock)
 
 
 def main() -> None:

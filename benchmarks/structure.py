@@ -4,8 +4,11 @@
 
 Prints: import circles between the package's modules (every relative import, wherever it stands);
 imports that run back up from a lower layer (runtime imports only; layers as ARCHITECTURE.md names
-them); the longest module and definition; blocks of six or more lines (blank lines and comments
-left out, whitespace stripped) that stand in two places; and the time of ``florence --help``.
+them); modules without a layer, and layers' modules that do not exist; the longest module and
+definition; blocks of six or more lines (blank lines and comments left out, whitespace stripped) that
+stand in two places; and the time of ``florence --help``. Exits 1 when the layering is broken (a
+circle, an import back up, a module without a layer or a listed one missing): tests/test_structure.py
+runs ``layering`` in the suite.
 """
 
 from __future__ import annotations
@@ -21,15 +24,15 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "florence_cli"
 # Lower numbers are lower layers; a module imports only from its own layer or below.
+# A package's modules take its layer (``ray_engine.stages``: 3).
 LAYERS = {
     "tasks": 0, "config": 0, "postconfig": 0, "records": 0,
     "discover": 1, "decode": 1, "jobs": 1, "parse": 1, "journal": 1, "writers": 1, "captions": 1, "outdir": 1,
     "checkpoint": 1, "interrupts": 1, "formats": 1, "tarshards": 1, "pathlist": 1,
     "beam": 2, "exact": 2, "invariant": 2, "graphs": 2, "original": 2, "model": 2, "answer": 2,
-    "engine": 3, "runner": 3, "annotate": 3, "ray_engine": 3, "merge": 3, "shard": 3, "evaluate": 3,
-    "viz": 3,
-    "cli": 4, "cli_annotate": 4, "cli_tools": 4, "__main__": 4, "__init__": 4,
-    "testing": 3, "tiny": 3,
+    "engine": 3, "runner": 3, "annotate": 3, "ray_engine": 3, "merge": 3, "evaluate": 3, "viz": 3,
+    "testing": 3,
+    "cli": 4, "__main__": 4, "__init__": 4,
 }  # fmt: skip
 WINDOW = 6
 
@@ -41,7 +44,7 @@ def module_name(path: Path) -> str:
 
 
 def layer(module: str) -> int:
-    return LAYERS.get(module.split(".")[0], LAYERS.get(module.rsplit(".", 1)[-1], -1))
+    return LAYERS.get(module.split(".")[0], -1)
 
 
 def relative_imports(path: Path) -> list[tuple[str, bool]]:
@@ -144,8 +147,8 @@ def help_seconds(runs: int = 5) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    paths = sorted(PACKAGE.rglob("*.py"))
+def import_graph(paths: list[Path]) -> tuple[dict[str, set[str]], list[str]]:
+    """Which modules each module imports, and the runtime imports that run back up a layer."""
     graph: dict[str, set[str]] = defaultdict(set)
     upward = []
     for path in paths:
@@ -155,14 +158,30 @@ def main() -> None:
                 graph[source].add(target)
             if runs and layer(target) > layer(source) >= 0:
                 upward.append(f"{source} -> {target}")
+    return graph, upward
+
+
+def layering() -> dict[str, list]:
+    """What breaks the layers: import circles, imports back up, modules without a layer, and modules
+    ``LAYERS`` lists that do not exist (each an empty list when all is well)."""
+    paths = sorted(PACKAGE.rglob("*.py"))
+    graph, upward = import_graph(paths)
+    return {
+        "import circles": cycles(graph),
+        "imports back up from a lower layer": upward,
+        "modules without a layer": sorted({module_name(p) for p in paths if layer(module_name(p)) < 0}),
+        "listed modules that do not exist": sorted(name for name in LAYERS if not _exists(name)),
+    }
+
+
+def main() -> None:
+    paths = sorted(PACKAGE.rglob("*.py"))
     lengths = sorted((len(p.read_text(encoding="utf-8").splitlines()), module_name(p)) for p in paths)
     longest_definition = max(d for p in paths for d in definitions(p))
-    unknown = sorted({module_name(p) for p in paths if layer(module_name(p)) < 0})
     print(f"modules: {len(paths)}, lines: {sum(n for n, _ in lengths)}")
-    print(f"import circles: {len(cycles(graph))} {cycles(graph)}")
-    print(f"imports back up from a lower layer: {len(upward)} {upward}")
-    if unknown:
-        print(f"modules without a layer: {unknown}")
+    broken = layering()
+    for name, found in broken.items():
+        print(f"{name}: {len(found)} {found}")
     print(f"longest module: {lengths[-1][1]} ({lengths[-1][0]} lines)")
     print(f"longest definition: {longest_definition[1]} ({longest_definition[0]} lines)")
     print(f"blocks of {WINDOW}+ code lines that stand twice: {repeated_blocks(paths)}")
@@ -175,6 +194,7 @@ def main() -> None:
     )
     imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
     print(f"imported by florence --help: {imported}")
+    sys.exit(1 if any(broken.values()) else 0)
 
 
 if __name__ == "__main__":

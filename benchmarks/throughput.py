@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # benchmarks/counters.py, beside this script
 from counters import MODES, cost_table, format_table, pinned_generation
 
-from florence_cli.annotate import Annotator, GenerationSettings
+from florence_cli.annotate import Annotator, GenerationSettings, RunConfig
 from florence_cli.config import default_workers
 from florence_cli.model import FlorenceModel, resolve_dtype
 from florence_cli.tasks import resolve_task
@@ -148,7 +148,7 @@ def reference_loop(
 def florence_run(model: FlorenceModel, images: Path, out: Path, tasks: list[str], batch_size: int,
                  generation: GenerationSettings, workers: int) -> dict[tuple[str, str], str]:  # fmt: skip
     """``Annotator.run`` over the folder; answers keyed by (file, task token)."""
-    annotator = Annotator(model, batch_size=batch_size, generation=generation)
+    annotator = Annotator(RunConfig(batch_size=batch_size, generation=generation), model=model)
     annotator.run([str(images)], out, tasks, workers=workers, jsonl=str(out / "answers.jsonl"))
     records = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     return {(r["file"], resolve_task(r["task"]).token): r["raw"] for r in records}

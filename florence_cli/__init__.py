@@ -12,18 +12,18 @@ from typing import TYPE_CHECKING
 from .tasks import TASKS, Task, resolve_task
 
 __all__ = [
-    "TASKS", "Annotator", "GenerationSettings", "ModelConfig", "RunConfig", "RunSummary", "Task",
-    "resolve_task",
+    "TASKS", "Annotator", "CaptionOptions", "GenerationSettings", "ModelConfig", "RunConfig", "RunSummary",
+    "Shard", "Task", "resolve_task",
 ]  # fmt: skip
 
 if TYPE_CHECKING:  # pragma: no cover
     from .annotate import Annotator
-    from .config import GenerationSettings, ModelConfig, RunConfig
+    from .config import CaptionOptions, GenerationSettings, ModelConfig, RunConfig, Shard
     from .runner import RunSummary
 
 _LAZY = {
-    "Annotator": "annotate", "GenerationSettings": "config", "ModelConfig": "config", "RunConfig": "config",
-    "RunSummary": "runner",
+    "Annotator": "annotate", "CaptionOptions": "config", "GenerationSettings": "config",
+    "ModelConfig": "config", "RunConfig": "config", "RunSummary": "runner", "Shard": "config",
 }  # fmt: skip
 
 

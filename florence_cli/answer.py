@@ -15,10 +15,9 @@ from typing import TYPE_CHECKING
 
 from .config import RunConfig
 from .decode import DecodedImage, ResizeSpec
-from .jobs import ImageFailure
 from .parse import TokenText, parse_answer
 from .postconfig import BANNED_GROUNDING_PHRASES
-from .records import Answer
+from .records import Answer, ImageFailure
 from .tasks import Output
 
 if TYPE_CHECKING:

@@ -20,10 +20,11 @@ from pathlib import Path
 from .config import CaptionOptions
 from .discover import IMAGE_EXTENSIONS, ImageRef, short_digest
 from .records import Answer
-from .tasks import Output, Task, TaskError
+from .tasks import OptionError, Output, Task, TaskError
 from .writers import atomic_writer
 
 LEDGER = "captions.jsonl"
+_CAPTION_FILES = "`captions.sidecar`, `captions.sidecar_dir` or `captions.hf_metadata`"
 METADATA = "metadata.jsonl"  # the name Hugging Face's imagefolder loader looks for
 
 
@@ -36,33 +37,37 @@ def caption_task(options: CaptionOptions, tasks: list[Task]) -> Task | None:
     Refuses (``TaskError``) what cannot be meant."""
     texts = [task for task in tasks if task.output is Output.TEXT]
     if not options.enabled:
-        flags = {"--sidecar-task": options.task, "--prefix": options.prefix, "--suffix": options.suffix,
-                 "--overwrite-captions": options.overwrite}  # fmt: skip
-        for flag, given in flags.items():
-            if given:
-                raise TaskError(f"{flag} needs --sidecar, --sidecar-dir or --hf-metadata")
+        given = {"task": options.task, "prefix": options.prefix, "suffix": options.suffix,
+                 "overwrite": options.overwrite}  # fmt: skip
+        for name, value in given.items():
+            if value:
+                raise OptionError(f"`captions.{name}` needs {_CAPTION_FILES}")
         return None
     if options.task is not None:
         chosen = [task for task in texts if options.task in (task.name, task.token, task.prompt, task.slug)]
         if not chosen:
             names = ", ".join(task.name for task in texts) or "none"
-            raise TaskError(f"--sidecar-task {options.task} is not among the text tasks asked for ({names})")
+            raise OptionError(
+                f"`captions.task` {options.task} is not among the text tasks asked for ({names})"
+            )
         return chosen[0]
     if len(texts) == 1:
         return texts[0]
     if not texts:
-        raise TaskError("--sidecar and --hf-metadata need a text task (a caption, OCR or a --prompt)")
+        raise OptionError(f"{_CAPTION_FILES} need a text task (a caption, OCR or a `prompts` prompt)")
     names = ", ".join(task.name for task in texts)
-    raise TaskError(f"several text tasks ({names}): name the one captions come from with --sidecar-task")
+    raise OptionError(f"several text tasks ({names}): name the one captions come from with `captions.task`")
 
 
 def check_extension(extension: str) -> str:
     """``--caption-extension`` as a suffix with its dot (``txt`` → ``.txt``); not an image's."""
     suffix = extension if extension.startswith(".") else f".{extension}"
     if suffix == "." or "/" in suffix or os.sep in suffix:
-        raise TaskError(f"--caption-extension {extension!r} is not a file name extension")
+        raise OptionError(f"`captions.extension` {extension!r} is not a file name extension")
     if suffix.lower() in IMAGE_EXTENSIONS:
-        raise TaskError(f"--caption-extension {suffix} is an image extension: captions would replace images")
+        raise OptionError(
+            f"`captions.extension` {suffix} is an image extension: captions would replace images"
+        )
     return suffix
 
 
@@ -198,7 +203,9 @@ def metadata_folder(inputs: list) -> Path:
     in ``metadata.jsonl`` are relative to the folder it is in; a list of paths has none)."""
     folder = inputs[0] if len(inputs) == 1 else None
     if not isinstance(folder, str) or folder == "-" or not os.path.isdir(folder):
-        raise TaskError("--hf-metadata needs exactly one input, a folder: metadata.jsonl goes in it")
+        raise OptionError(
+            "`captions.hf_metadata` needs exactly one input, a folder: metadata.jsonl goes in it"
+        )
     return Path(folder)
 
 

@@ -305,6 +305,14 @@ class _UnreadableStdin(io.TextIOBase):
     readline = read
 
 
+def quiet_transformers() -> None:
+    """Keep transformers' progress bars and advice off stderr, which is for our progress."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 @contextlib.contextmanager
 def console_shielded() -> Iterator[None]:
     """While loading: prints go to stderr (stdout may carry JSONL) and stdin cannot be read (no prompt

@@ -13,6 +13,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .tasks import OptionError
+
 DEFAULT_MODEL = "mrhendrey/Florence-2-large-ft-safetensors"
 AUTO_CUDA_BATCH = 64  # --batch-size auto starts here on CUDA, halving on out-of-memory
 AUTO_CPU_BATCH = 8
@@ -21,6 +23,7 @@ AUTO_CPU_BATCH = 8
 # kernels whose rounding ignores the batch (CUDA); batched: stock batched kernels (fastest; a near tie
 # may go another way with other images beside it); auto: the device's default (``products_on``).
 PRODUCTS = ("auto", "per-image", "invariant", "batched")
+DTYPES = ("auto", "fp16", "bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,22 @@ class ModelConfig:
     def products_on(self, device_type: str) -> str:
         """``products`` on a device of this type, ``auto`` resolved."""
         return resolve_products(self.products, device_type)
+
+
+def resolve_device(device: str, cuda_available: bool) -> str:
+    """``auto`` is CUDA when available, else the CPU; any other name is kept (the model layer checks it)."""
+    if device != "auto":
+        return device
+    return "cuda" if cuda_available else "cpu"
+
+
+def resolve_dtype(dtype: str, device_type: str) -> str:
+    """``auto`` is fp16 on CUDA and fp32 on CPU; an unknown dtype is a ``ValueError``."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
+    if dtype != "auto":
+        return dtype
+    return "fp16" if device_type == "cuda" else "fp32"
 
 
 def resolve_products(products: str, device_type: str) -> str:
@@ -146,6 +165,14 @@ class RunConfig:
         if self.model.cuda_graphs:  # the static cache's attention sums over other lengths
             settings["cuda_graphs"] = True
         return {**settings, "shard": str(self.shard)} if self.shard else settings
+
+    def check(self) -> None:
+        """Refuse (``OptionError``) a batch size or a number of decode processes that cannot be."""
+        size = self.batch_size
+        if size != "auto" and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise OptionError(f"`batch_size` is a whole number from 1, or auto; got {size!r}")
+        if self.workers is not None and self.workers < 0:
+            raise OptionError(f"`workers` is a number of decode processes, 0 or more; got {self.workers}")
 
     def batch_size_on(self, device_type: str) -> int:
         """Images per batch: a number as it is; ``auto`` starts high on CUDA (halved on out-of-memory)."""

@@ -1,37 +1,48 @@
 """Engines turn planned work items into answers. The local engine decodes in worker processes and
-answers in this process; others (Ray) plug in behind the same interface, so the driver — discovery,
-journal, writers, errors — is one piece of code whatever runs the model. Each engine is handed a
-builder of its ``BatchAnswerer`` and builds it where the model runs."""
+answers in this process; others (Ray) plug in behind the same interface, so the driver — preflight,
+discovery, journal, writers, errors — is one piece of code whatever runs the model.
+
+The driver calls an engine in this order: ``check`` (refusals that need the checkpoint but no weights),
+``start`` (the model loads, or the cluster is joined), ``results`` (the work), ``close``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING, Protocol
 
+from .answer import AnswererBuilder, BatchAnswerer
+from .checkpoint import checkpoint_layout, locate_model
+from .config import RunConfig
 from .decode import DecodeFailure, decode_stream
-from .jobs import ImageFailure, WorkItem
+from .records import ImageFailure, ItemResult
 
 if TYPE_CHECKING:
-    from .answer import BatchAnswerer
-    from .records import Answer
+    from .jobs import TaskRequest, WorkItem
 
 
-@dataclass
-class ItemResult:
-    """One work item's outcome: an answer per job, or the reason it failed."""
-
-    item: WorkItem
-    width: int = 0
-    height: int = 0
-    answers: list[Answer] | None = None
-    failure: ImageFailure | None = None
+class EngineError(Exception):
+    """An engine that cannot run as asked (a cluster it cannot join, say); the message is one line."""
 
 
 class Engine(Protocol):
+    def check(self, requests: list[TaskRequest], max_new_tokens: int | None) -> None:
+        """Refuse, before any image is read and without loading weights, a checkpoint that cannot be used
+        (``ModelLoadError``) or requests it cannot hold (``TaskError``)."""
+        ...
+
+    def start(self) -> str:
+        """Load the model (or join the cluster) and say how its products meet the batch
+        (``config.PRODUCTS``, ``auto`` resolved); a model that cannot load is a ``ModelLoadError``."""
+        ...
+
     def results(self, items: Iterable[WorkItem]) -> Iterator[list[ItemResult]]:
         """Answer ``items``, yielding results a batch at a time (a batch is journaled at once)."""
+        ...
+
+    def close(self) -> None:
+        """Release what ``start`` took (a cluster this engine started, say)."""
         ...
 
 
@@ -43,15 +54,38 @@ def batches(items: Iterable, size: int | Callable[[], int]) -> Iterator[list]:
 
 
 class LocalEngine:
-    """Decode in ``workers`` processes (0: in this one), answer in batches on this process's device."""
+    """Decode in worker processes (``config.decode_workers``), answer in batches on this process's
+    device, with the answerer given or built from ``config`` at ``start``."""
 
-    def __init__(self, build: Callable[[], BatchAnswerer], workers: int = 0):
-        self.build = build
-        self.workers = workers
+    def __init__(self, config: RunConfig, answerer: BatchAnswerer | None = None):
+        self.config = config
+        self.answerer = answerer
+
+    def check(self, requests: list[TaskRequest], max_new_tokens: int | None) -> None:
+        if self.answerer is not None:
+            self.answerer.model.preprocessing.check(requests, max_new_tokens)
+            return
+        model = self.config.model
+        checkpoint_layout(locate_model(model.name, model.allow_pickle))  # refused before torch is imported
+        from .model import Preprocessing, resolve_device
+
+        resolve_device(model.device)  # a device this machine lacks, before the output folder is touched
+        Preprocessing.load(model.name, model.allow_pickle).check(requests, max_new_tokens)
+
+    def start(self) -> str:
+        if self.answerer is None:
+            self.answerer = AnswererBuilder(self.config)()
+        return self.answerer.model.products
+
+    def close(self) -> None:
+        """The model stays loaded: an ``Annotator`` runs again with it."""
 
     def results(self, items: Iterable[WorkItem]) -> Iterator[list[ItemResult]]:
-        answerer = self.build()
-        decoded = decode_stream(items, answerer.resize_spec, workers=self.workers)
+        if self.answerer is None:
+            self.start()
+        answerer = self.answerer
+        workers = self.config.decode_workers(answerer.model.device.type)
+        decoded = decode_stream(items, answerer.resize_spec, workers=workers)
         for batch in batches(decoded, lambda: answerer.batch_size):  # it shrinks on out-of-memory
             failed = [
                 ItemResult(d.ref, failure=ImageFailure(d.ref.name, d.reason))

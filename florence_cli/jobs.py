@@ -18,7 +18,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .discover import ImageRef
-from .tasks import Output, Task, TaskError, TextInput, prompt_task, resolve_task, task_prompt
+from .records import ImageFailure
+from .tasks import OptionError, Output, Task, TaskError, TextInput, prompt_task, resolve_task, task_prompt
 
 
 @dataclass(frozen=True)
@@ -71,18 +72,6 @@ class WorkItem(ImageRef):
     jobs: tuple[Job, ...] = ()
 
 
-@dataclass
-class ImageFailure:
-    """An image (or one of its tasks) that produced no answer, and why."""
-
-    name: str
-    reason: str
-    task: str | None = None
-
-    def record(self) -> dict:
-        return {"file": self.name, "error": self.reason, **({"task": self.task} if self.task else {})}
-
-
 def pixel_region_bins(region: tuple[float, ...], width: int, height: int) -> str:
     """A pixel region ``x1,y1,x2,y2`` as the location bins Florence-2 reads (floor, as its quantizer)."""
     sizes = (width, height, width, height)
@@ -102,7 +91,7 @@ def parse_pixel_region(text: str) -> tuple[float, float, float, float]:
         or values[1] > values[3]
         or min(values) < 0
     ):
-        raise TaskError(f"--region is x1,y1,x2,y2 in pixels with x1<=x2 and y1<=y2; got {text!r}")
+        raise OptionError(f"`region` is x1,y1,x2,y2 in pixels with x1<=x2 and y1<=y2; got {text!r}")
     return values  # type: ignore[return-value]
 
 
@@ -151,13 +140,13 @@ def split_texts(values: list[str]) -> str | dict[str, str] | None:
         if task is None:
             plain.append(value)
         elif task.name in named:
-            raise TaskError(f"--text gives {task.name} two texts; give it one")
+            raise OptionError(f"`text` gives {task.name} two texts; give it one")
         else:
             named[task.name] = tail
     if (named and plain) or len(plain) > 1:
-        raise TaskError(
-            f"--text is given {len(values)} times: name the task of each, e.g. --text "
-            "CAPTION_TO_PHRASE_GROUNDING='a red house' --text REGION_TO_DESCRIPTION=100,100,500,600"
+        raise OptionError(
+            f"`text` is given {len(values)} times: name the task of each, e.g. `text` "
+            "CAPTION_TO_PHRASE_GROUNDING='a red house' `text` REGION_TO_DESCRIPTION=100,100,500,600"
         )
     return named or (plain[0] if plain else None)
 
@@ -186,12 +175,12 @@ def parse_requests(
     """
     names = [resolve_task(name) for name in tasks] + [prompt_task(prompt) for prompt in prompts]
     if not names:
-        raise TaskError("nothing to ask: give a task (-t) or a prompt (--prompt)")
+        raise OptionError("nothing to ask: give a task (`tasks`) or a prompt (`prompts`)")
     source = resolve_task(ground_from) if ground_from else None
     if source and source not in names:
         names.insert(0, source)
     if source and source.output is not Output.TEXT:
-        raise TaskError(f"--ground-from needs a text task (a caption); {source.name} writes boxes")
+        raise OptionError(f"`ground_from` needs a text task (a caption); {source.name} writes boxes")
     texts = read_text_file(text_file) if text_file else None
     class_list = tuple(c.strip() for c in (classes or "").split(",") if c.strip())
     pixels = parse_pixel_region(region) if region else None
@@ -220,11 +209,11 @@ def parse_requests(
     if source:
         fed = [i for i, t in enumerate(names) if t.text_input is TextInput.PHRASE]
         if not fed:
-            raise TaskError(
-                "--ground-from needs a task that takes a phrase, e.g. CAPTION_TO_PHRASE_GROUNDING"
+            raise OptionError(
+                "`ground_from` needs a task that takes a phrase, e.g. CAPTION_TO_PHRASE_GROUNDING"
             )
         if names.index(source) > min(fed):
-            raise TaskError(f"--ground-from {source.name} must come before the tasks it feeds")
+            raise OptionError(f"`ground_from` {source.name} must come before the tasks it feeds")
     return requests
 
 
@@ -237,21 +226,21 @@ def _texts_by_task(
         return {}
     if isinstance(text, str):
         if not takers:
-            raise TaskError("--text is given, but none of the tasks takes it")
+            raise OptionError("`text` is given, but none of the tasks takes it")
         if len({task.text_input for task in takers}) > 1:
             names = ", ".join(task.name for task in takers)
-            raise TaskError(
-                f"one --text for tasks that take different kinds of text ({names}): give each its own "
-                "with --text TASK=TEXT"
+            raise OptionError(
+                f"one `text` for tasks that take different kinds of text ({names}): give each its own "
+                "with `text` TASK=TEXT"
             )
         return {task.name: text for task in takers}
     named = {resolve_task(name): value for name, value in text.items()}
     for task in named:
         if task not in text_tasks:
             why = "takes no text" if not task.needs_text else "is not among the tasks (-t)"
-            raise TaskError(f"--text names {task.name}, which {why}")
+            raise OptionError(f"`text` names {task.name}, which {why}")
         if task not in takers:
-            raise TaskError(f"--text names {task.name}, whose text another option gives")
+            raise OptionError(f"`text` names {task.name}, whose text another option gives")
     return {task.name: value for task, value in named.items()}
 
 

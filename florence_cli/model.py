@@ -32,15 +32,18 @@ from .checkpoint import (
     first_line,
     locate_model,
     pickle_refused,
+    quiet_transformers,
 )
 from .config import DEFAULT_MODEL, resolve_products
+from .config import resolve_device as device_rule
+from .config import resolve_dtype as dtype_rule
 from .decode import ResizeSpec
 from .exact import reference_shapes
 from .graphs import StaticDecoder
 from .jobs import TaskRequest
-from .tasks import TaskError, task_prompt
+from .tasks import OptionError, TaskError, task_prompt
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -53,11 +56,10 @@ class Generated:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when available; an unavailable CUDA device is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The torch device for ``device`` (``config.resolve_device``'s rule); an unavailable CUDA device is
+    an error."""
     try:
-        resolved = torch.device(device)
+        resolved = torch.device(device_rule(device, torch.cuda.is_available()))
     except RuntimeError as exc:
         raise ModelLoadError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from exc
     if resolved.type == "cuda":
@@ -68,13 +70,73 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def compute_threads() -> int:
+    """The CPU threads this process's model computes with (float sums on CPU depend on it)."""
+    return torch.get_num_threads()
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` is fp16 on CUDA and fp32 on CPU."""
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r} (use auto, fp16, bf16 or fp32)")
-    return DTYPES[dtype]
+    """The torch dtype for ``dtype`` on ``device`` (``config.resolve_dtype``'s rule)."""
+    try:
+        return TORCH_DTYPES[dtype_rule(dtype, device.type)]
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+
+
+class Preprocessing:
+    """What a checkpoint does before its weights: prompts into the encoder's token ids (within the limits
+    its positions set) and images to its input size. Built from the processor and config alone, so a run
+    refuses a text or a token budget the model cannot hold before any weights load, on a Ray driver too."""
+
+    def __init__(self, processor, positions: int):
+        self.processor = processor
+        self.positions = positions  # tokens the encoder reads, and the decoder generates, at most
+        self._prompt_ids: dict[str, list[int]] = {}
+
+    @classmethod
+    def load(cls, model: str, allow_pickle: bool = False) -> Preprocessing:
+        """A checkpoint's preprocessing, from a folder or the Hub, without reading its weights."""
+        folder = locate_model(model, allow_pickle=allow_pickle)
+        processor, config = load_processor(folder, with_config=True)
+        return cls(processor, config.text_config.max_position_embeddings)
+
+    @property
+    def resize_spec(self) -> ResizeSpec:
+        """How decode workers resize images for this checkpoint (as ``FlorenceModel`` will)."""
+        return fast_pixel_spec(self.processor.image_processor)[0]
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of the encoder input for ``prompt`` (e.g. ``<OD>``), image placeholders first —
+        as the processor builds them. A prompt longer than the encoder reads is a ``ValueError``."""
+        if prompt not in self._prompt_ids:
+            processor, tokenizer = self.processor, self.processor.tokenizer
+            text = processor.image_token * processor.num_image_tokens
+            text += tokenizer.bos_token + expand_prompt(processor, prompt) + tokenizer.eos_token
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > self.positions:
+                raise ValueError(
+                    f"the text input is too long: {len(ids) - processor.num_image_tokens} tokens, and with "
+                    f"the image's {processor.num_image_tokens} the model reads at most {self.positions}"
+                )
+            self._prompt_ids[prompt] = ids
+        return self._prompt_ids[prompt]
+
+    def check(self, requests: list[TaskRequest], max_new_tokens: int | None) -> None:
+        """Refuse (``OptionError``) a text input or a token budget this checkpoint cannot hold; texts
+        given per image are checked as each image's prompt is built."""
+        if max_new_tokens is not None and max_new_tokens > self.positions:
+            raise OptionError(
+                f"`generation.max_new_tokens` {max_new_tokens} is more than this model generates "
+                f"({self.positions})"
+            )
+        for request in requests:
+            for text in request.classes or [request.text]:
+                if text is None and request.task.needs_text:
+                    continue
+                try:
+                    self.prompt_ids(task_prompt(request.task, text))
+                except ValueError as exc:
+                    raise TaskError(f"{request.task.name}: {exc}") from None
 
 
 class FlorenceModel:
@@ -115,12 +177,12 @@ class FlorenceModel:
         self.device = device
         self.dtype = dtype
         self.generation_config = model.generation_config
+        self.preprocessing = Preprocessing(processor, model.config.text_config.max_position_embeddings)
         self.resize_spec, self._pixel_lut = (
-            _fast_pixels(processor.image_processor) if fast_pixels else (ResizeSpec(size=None), None)
+            fast_pixel_spec(processor.image_processor) if fast_pixels else (ResizeSpec(size=None), None)
         )
         if self._pixel_lut is not None:
             self._pixel_lut = self._pixel_lut.to(device)
-        self._prompt_ids: dict[str, list[int]] = {}
 
     @classmethod
     def load(
@@ -177,42 +239,14 @@ class FlorenceModel:
                 )
             return vision(pixel_values).pooler_output
 
-    # -- prompts ------------------------------------------------------------------------------
     @property
     def positions(self) -> int:
         """How many tokens the language model's encoder reads, and its decoder generates, at most."""
-        return self.model.config.text_config.max_position_embeddings
+        return self.preprocessing.positions
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        """Token ids of the encoder input for ``prompt`` (e.g. ``<OD>``), image placeholders first —
-        as the processor builds them. A prompt longer than the encoder reads is a ``ValueError``."""
-        if prompt not in self._prompt_ids:
-            processor = self.processor
-            text = processor.image_token * processor.num_image_tokens
-            text += self.tokenizer.bos_token + expand_prompt(processor, prompt) + self.tokenizer.eos_token
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) > self.positions:
-                raise ValueError(
-                    f"the text input is too long: {len(ids) - processor.num_image_tokens} tokens, and with "
-                    f"the image's {processor.num_image_tokens} the model reads at most {self.positions}"
-                )
-            self._prompt_ids[prompt] = ids
-        return self._prompt_ids[prompt]
-
-    def check_limits(self, requests: list[TaskRequest], max_new_tokens: int | None) -> None:
-        """Refuse, before any image is read, a text input or a token budget this model cannot hold."""
-        if max_new_tokens is not None and max_new_tokens > self.positions:
-            raise TaskError(
-                f"--max-new-tokens {max_new_tokens} is more than this model generates ({self.positions})"
-            )
-        for request in requests:
-            for text in request.classes or [request.text]:
-                if text is None and request.task.needs_text:
-                    continue  # given per image: checked as each image's prompt is built
-                try:
-                    self.prompt_ids(task_prompt(request.task, text))
-                except ValueError as exc:
-                    raise TaskError(f"{request.task.name}: {exc}") from None
+        """``Preprocessing.prompt_ids``."""
+        return self.preprocessing.prompt_ids(prompt)
 
     # -- generation ---------------------------------------------------------------------------
     @torch.inference_mode()  # inputs made here too, so a compiled decoder sees one kind of tensor
@@ -362,7 +396,7 @@ def expand_prompt(processor, prompt: str) -> str:
     return prompt
 
 
-def _fast_pixels(image_processor) -> tuple[ResizeSpec, torch.Tensor | None]:
+def fast_pixel_spec(image_processor) -> tuple[ResizeSpec, torch.Tensor | None]:
     """Resize in the decode workers and normalise by lookup, when the processor is Pillow's standard
     resize → rescale → normalise; otherwise (e.g. torchvision's backend, which resizes with other
     numerics) hand full images to the processor itself, so answers stay the reference's."""
@@ -407,20 +441,31 @@ def load_checkpoint(folder: Path, dtype: torch.dtype, allow_pickle: bool = False
         return _native_model(folder, dtype, allow_pickle), processor
 
 
-def load_processor(folder: Path) -> Any:
-    """The processor alone (no weights read), checked and built as by ``load_checkpoint``."""
+def load_processor(folder: Path, with_config: bool = False) -> Any:
+    """The processor alone (no weights read), checked and built as by ``load_checkpoint``; with
+    ``with_config``, ``(processor, the model's native config)``."""
+    from transformers import Florence2Config
+
     from . import original
 
     layout = checkpoint_layout(folder)
     with _loading(folder):
-        return original.load_original_processor(folder) if layout == "original" else _native_processor(folder)
+        if layout == "original":
+            config = original.load_original_config(folder)
+            processor = original.load_original_processor(folder, config)
+        else:
+            config = Florence2Config.from_pretrained(folder) if with_config else None
+            processor = _native_processor(folder)
+    return (processor, config) if with_config else processor
 
 
 @contextlib.contextmanager
 def _loading(folder: Path) -> Iterator[None]:
-    """Loading ``folder``: off stdout and stdin, and any failure one ``ModelLoadError`` line."""
+    """Loading ``folder``: off stdout and stdin, transformers' progress bars and advice off stderr (which
+    is for our progress), and any failure one ``ModelLoadError`` line."""
     from .original import OriginalCheckpointError
 
+    quiet_transformers()
     with console_shielded():
         try:
             yield

@@ -115,10 +115,16 @@ def load_original(folder: Path, *, dtype, allow_pickle: bool = False) -> tuple[A
     return model, _processor(folder, model.config)
 
 
-def load_original_processor(folder: Path) -> Any:
-    """The native processor of an original-format folder, as ``load_original`` builds it (no weights read)."""
-    folder = Path(folder)
-    return _processor(folder, _native_config(_read_json(folder / "config.json"), folder / "config.json"))
+def load_original_config(folder: Path) -> Any:
+    """The native ``Florence2Config`` of an original-format folder (no weights read)."""
+    path = Path(folder) / "config.json"
+    return _native_config(_read_json(path), path)
+
+
+def load_original_processor(folder: Path, config: Any = None) -> Any:
+    """The native processor of an original-format folder, as ``load_original`` builds it (no weights
+    read); ``config``: its ``load_original_config``, if already read."""
+    return _processor(Path(folder), config or load_original_config(folder))
 
 
 def convert_checkpoint(src: Path, dst: Path, *, allow_pickle: bool = False) -> Path:

@@ -1,14 +1,17 @@
-"""The one answer record, from parsing to the journal to every writer.
+"""The records that pass between stages: an answer, from parsing to the journal to every writer; a
+failure; and an engine's outcome for one work item.
 
 ``parse`` makes an ``Answer`` from generated text; the runner tells it which image and job it answers
 and journals it (``record``); the COCO writer, ``merge`` and the JSONL stream read it back
-(``from_record``, ``public``). Nobody re-parses text, and nobody passes loose dicts between stages.
+(``from_record``, ``public``). Engines hand the runner an ``ItemResult`` per work item: its answers, or
+an ``ImageFailure``. Nobody re-parses text, and nobody passes loose dicts between stages.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from .tasks import Output, Task, resolve_task
 
@@ -115,3 +118,26 @@ class Answer:
 def job_identity(record: dict) -> str:
     """The job a journal line answers (lines written before ``job`` was stored: task and text input)."""
     return record.get("job") or f"{record['task']}\0{record.get('text') or ''}"
+
+
+@dataclass
+class ImageFailure:
+    """An image (or one of its tasks) that produced no answer, and why."""
+
+    name: str
+    reason: str
+    task: str | None = None
+
+    def record(self) -> dict:
+        return {"file": self.name, "error": self.reason, **({"task": self.task} if self.task else {})}
+
+
+@dataclass
+class ItemResult:
+    """One work item's outcome, as an engine gives it: an answer per job, or the reason it failed."""
+
+    item: Any  # the ``jobs.WorkItem`` answered (jobs builds on records, so records names no type of it)
+    width: int = 0
+    height: int = 0
+    answers: list[Answer] | None = None
+    failure: ImageFailure | None = None

@@ -1,5 +1,6 @@
-"""The driver of a run: discovery and the journal plan the work, an engine answers it, and every
-batch that comes back is written and journaled at once. Imports no torch: engines bring the model.
+"""The driver of a run, for every engine and the Python API alike: ``preflight`` refuses what needs no
+image, discovery and the journal plan the work, an engine answers it, and every batch that comes back is
+written and journaled at once. Imports no torch: engines bring the model.
 
 How a run ends is data (``RunSummary``): its exit status tells images that failed (1) from a run that
 stopped — a full disk (3), Ctrl-C (130), SIGTERM (143), a closed standard output (141) — and in
@@ -13,25 +14,23 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from .captions import CaptionClash, CaptionFiles, caption_task, metadata_folder
 from .config import RunConfig
 from .discover import Duplicate, ImageRef, Input, InputError, discover, printable
-from .engine import Engine, ItemResult
+from .engine import Engine
 from .formats.parquet import require_pyarrow
 from .interrupts import Interrupted, critical, interruptible
-from .jobs import ImageFailure, Job, TaskRequest, WorkItem, as_requests, plan_jobs, requests_identity
+from .jobs import Job, TaskRequest, WorkItem, plan_jobs, requests_identity
 from .journal import ShardProgress, work_key
 from .outdir import OutputFolder, describe_os_error, stops_the_run
-from .records import Answer
+from .records import Answer, ImageFailure, ItemResult
 from .tarshards import ShardEnd
 from .tasks import resolve_task
 from .writers import JsonlSink, StdoutClosed
 
 EXIT_OK = 0
 EXIT_IMAGES_FAILED = 1
-EXIT_USAGE = 2  # refused before any image was read
 EXIT_OUTPUT_FAILED = 3  # the output folder could not be written mid-run (a full disk)
 
 
@@ -93,6 +92,64 @@ class _OutputStopped(Exception):
     """A write that no later write would get past (a full or read-only file system)."""
 
 
+@dataclass
+class Preflight:
+    """What the checks before any image is read leave a run: its output folder (opened and locked), its
+    caption files, its tar shards' progress, and — where caption files had to be claimed ahead — every
+    input found, so that the inputs are discovered once."""
+
+    folder: OutputFolder
+    shards: ShardProgress
+    captions: CaptionFiles | None = None
+    found: list | None = None
+
+    def close(self) -> None:
+        """Release the folder, for a run that ends before its first image."""
+        if self.captions:
+            self.captions.close()
+        self.folder.close()
+
+
+def preflight(
+    inputs: list[Input], requests: list[TaskRequest], config: RunConfig, engine: Engine
+) -> Preflight:
+    """Every refusal that needs no image, in this order, each an exception with one line for the user:
+
+    1. the options themselves, and against the tasks: batch size, decode processes, caption files
+       (``OptionError``);
+    2. ``parquet`` without pyarrow (``ImportError``);
+    3. ``captions.hf_metadata`` without one input folder (``OptionError``);
+    4. the checkpoint, without its weights: found, usable, on a device there is, and holding every text
+       and ``generation.max_new_tokens`` (``engine.check``: ``ModelLoadError``, ``TaskError``);
+    5. the output folder: a folder, writable, not in use, holding answers made with the same settings
+       (``OutputError``);
+    6. caption files that two images would share (``CaptionClash``; the inputs are discovered here, once;
+       paths on standard input are checked as they come).
+    """
+    config.check()
+    task = caption_task(config.captions, [request.task for request in requests])
+    if config.parquet:
+        require_pyarrow()
+    root = metadata_folder(inputs) if task and config.captions.hf_metadata else None
+    engine.check(requests, config.generation.max_new_tokens)
+    folder = OutputFolder(config.output, config.settings(), config.overwrite)
+    checked = Preflight(folder, ShardProgress(folder.journal, requests_identity(requests)))
+    if task is None:
+        return checked
+    checked.captions = CaptionFiles(config.captions, task, folder.state, root)
+    if config.captions.sidecars and "-" not in inputs:
+        try:
+            checked.found = list(discover(inputs, (), checked.shards.finished))
+            for found in checked.found:
+                if isinstance(found, ImageRef):
+                    checked.captions.claim(found)
+        except BaseException:
+            checked.close()
+            raise
+        checked.captions.claimed_ahead = True
+    return checked
+
+
 def run(
     inputs: Iterable[Input],
     requests: list[TaskRequest],
@@ -100,89 +157,48 @@ def run(
     engine: Engine,
     stdin_lines: Iterable[str] = (),
     on_error: Callable[[ImageFailure], None] | None = None,
-    folder: OutputFolder | None = None,
 ) -> RunSummary:
     """Annotate every image under ``inputs`` with ``requests`` into ``config.output``, resuming earlier
-    work there, with ``engine`` answering; the one driver of local and Ray runs. ``folder``: the output
-    folder, if already opened (the CLI opens it before a model loads)."""
-    if config.parquet:
-        require_pyarrow()  # refused before any work, not at the end
+    work there, with ``engine`` answering: the one driver of the CLI, the Python API, local and Ray runs.
+    Refuses (``preflight``) before any image is read; ``on_error`` hears of each image that fails."""
     inputs = list(inputs)
-    folder = folder or OutputFolder(config.output, config.settings(), config.overwrite)
+    checked = preflight(inputs, requests, config, engine)
     try:
-        captions = _caption_files(inputs, requests, config, folder)
+        products = engine.start()
     except BaseException:
-        folder.close()
+        checked.close()
+        engine.close()
         raise
-    return _Run(requests, folder, config, on_error, captions).execute(inputs, stdin_lines, engine)
-
-
-def _caption_files(
-    inputs: list[str], requests: list[TaskRequest], config: RunConfig, folder: OutputFolder
-) -> CaptionFiles | None:
-    """The run's caption files, if asked for; two images that would share a sidecar are refused here,
-    before any image is read (paths on standard input are checked as they come)."""
-    options = config.captions
-    task = caption_task(options, [request.task for request in requests])
-    if task is None:
-        return None
-    root = metadata_folder(inputs) if options.hf_metadata else None
-    captions = CaptionFiles(options, task, folder.state, root)
-    if options.sidecars and "-" not in inputs:
-        try:
-            for found in discover(inputs):
-                if isinstance(found, ImageRef):
-                    captions.claim(found)
-        except CaptionClash:
-            captions.close()
-            raise
-        captions.claimed_ahead = True
-    return captions
-
-
-def run_into(
-    output: str | Path | OutputFolder,
-    inputs: Iterable[Input],
-    tasks: list[str] | list[TaskRequest],
-    config: RunConfig,
-    engine: Engine,
-    text: str | None = None,
-    stdin_lines: Iterable[str] = (),
-    on_error: Callable[[ImageFailure], None] | None = None,
-    **options,
-) -> RunSummary:
-    """``run`` into ``output`` (a path, or a folder already opened), with ``tasks`` as names (``text`` for
-    those that need one) or requests, and ``options`` setting ``config``'s fields (``overwrite``,
-    ``jsonl``, ``parquet``, ``progress``, ``shard``, ``workers``): what the Python API's ``run`` methods
-    share."""
-    folder = output if isinstance(output, OutputFolder) else None
-    config = replace(config, output=folder.path if folder else Path(output), **options)
-    return run(inputs, as_requests(tasks, text), config, engine, stdin_lines, on_error, folder)
+    try:
+        return _Run(requests, checked, config, on_error, products).execute(inputs, stdin_lines, engine)
+    finally:
+        engine.close()
 
 
 class _Run:
-    """One run of the driver into an opened output folder, which it closes at the end."""
+    """One run of the driver into a checked output folder, which it closes at the end."""
 
     def __init__(
         self,
         requests: list[TaskRequest],
-        folder: OutputFolder,
+        checked: Preflight,
         config: RunConfig,
         on_error: Callable[[ImageFailure], None] | None,
-        captions: CaptionFiles | None = None,
+        products: str,
     ):
         self.requests = requests
-        self.captions = captions
-        self.sidecars = captions if captions and captions.options.sidecars else None  # per image, as answered
-        self.folder = folder
+        self.captions = checked.captions
+        # Caption files per image, as answered (``metadata.jsonl`` alone is written at the end).
+        self.sidecars = self.captions if self.captions and self.captions.options.sidecars else None
+        self.found = checked.found
+        self.folder = checked.folder
+        self.shards = checked.shards  # tar shards
         self.config = config
         self.on_error = on_error
-        self.summary = RunSummary(
-            damaged_journal_lines=folder.journal.damaged_lines, products=config.model.products
-        )
+        self.summary = RunSummary(damaged_journal_lines=self.folder.journal.damaged_lines, products=products)
         self.sink = JsonlSink(config.jsonl) if config.jsonl else None
         self.bar = _progress_bar(config.progress)
-        self.shards = ShardProgress(folder.journal, requests_identity(requests))  # tar shards
+        self.captioned_earlier: dict[str, ImageRef] = {}  # images whose caption comes from the journal
 
     def execute(self, inputs: Iterable[Input], stdin_lines: Iterable[str], engine: Engine) -> RunSummary:
         """Feed ``engine`` the work not done yet and write what comes back; stops cleanly on SIGINT,
@@ -223,7 +239,10 @@ class _Run:
 
     def work(self, inputs: Iterable[Input], stdin_lines: Iterable[str]) -> Iterator[WorkItem]:
         """Images with the jobs not yet done on them; images with nothing to do are counted, not sent."""
-        for found in discover(inputs, stdin_lines, self.shards.finished):
+        found_all = self.found
+        if found_all is None:
+            found_all = discover(inputs, stdin_lines, self.shards.finished)
+        for found in found_all:
             if isinstance(found, ShardEnd):  # a tar shard's samples are all found (or were done earlier)
                 self.summary.images += found.skipped
                 self.summary.skipped += found.skipped
@@ -250,7 +269,7 @@ class _Run:
                 if key not in self.folder.journal.done:
                     jobs.append(replace(job, key=key, text=self._chained_text(found.name, job)))
                 elif self.sidecars and job.task == self.sidecars.task:
-                    self._caption_done_image(found)
+                    self.captioned_earlier[found.name] = found  # its caption file is written at the end
             self.shards.planned(found, len(planned), pending=bool(jobs), failed=bool(failures))
             if jobs:
                 yield WorkItem(found.path, found.name, found.order, tuple(jobs), member=found.member)
@@ -269,18 +288,17 @@ class _Run:
             return False
         return True
 
-    def _caption_done_image(self, image: ImageRef) -> None:
-        """An image answered by an earlier run gets its sidecar too (say, on the first run with
-        --sidecar, or with another --prefix), from the answer's text file."""
-        source = self.folder.text_path(self.sidecars.task, image.name)
-        try:
-            text = source.read_text(encoding="utf-8")
-        except OSError:
-            return  # its text file is gone: the sidecar of a later rerun with --overwrite
-        try:
-            self.sidecars.write_sidecar(image, text)
-        except OSError as exc:
-            self._cannot_write_for(image.name, exc)
+    def _caption_earlier_answers(self, answers: Iterable[Answer]) -> None:
+        """Images answered by an earlier run get their caption files too (say, on the first run with
+        --sidecar, or with another prefix), from the journal's answers."""
+        for answer in answers:
+            image = self.captioned_earlier.get(answer.file)
+            if image is None:
+                continue
+            try:
+                self.sidecars.write_sidecar(image, answer.text)
+            except OSError as exc:
+                self._cannot_write_for(image.name, exc)
 
     def _cannot_write_for(self, name: str, exc: OSError) -> None:
         """A write error while writing an image's files: the image fails, or the run stops when the
@@ -350,11 +368,15 @@ class _Run:
         coco = [(r.task, list(r.classes) or None) for r in self.requests if r.task.writes_coco]
         parquet = list(dict.fromkeys(r.task for r in self.requests)) if self.config.parquet else []
         try:
-            self.folder.sort_errors()
             with self.folder.journal.sorted() as answers:
+                if self.captioned_earlier:
+                    self._caption_earlier_answers(answers(self.sidecars.task.name))
+                self.folder.sort_errors()
                 self.folder.rebuild_files(coco, self.config.model.name, parquet, answers)
                 if self.captions and self.captions.metadata_root:
                     self.captions.write_metadata(answers(None))
+        except _OutputStopped as exc:
+            self.summary.output_error = str(exc)
         except OSError as exc:
             self.summary.output_error = _cannot_write(exc.filename or self.folder.path, exc)
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -94,6 +95,16 @@ TASKS: dict[str, Task] = {
 
 class TaskError(ValueError):
     """A task name or task text that cannot be used."""
+
+
+class OptionError(TaskError):
+    """Options of a run that cannot be used as given. The message names each option in backquotes by
+    its name in the Python API (`captions.task`, `region`); a front end words it in its own names
+    (``worded``: the CLI's flags)."""
+
+    def worded(self, names: Mapping[str, str]) -> str:
+        """The message with each quoted option given its name in ``names`` (others keep theirs)."""
+        return re.sub(r"`([\w.]+)`", lambda m: names.get(m[1], m[0]), str(self))
 
 
 PROMPT_PREFIX = "prompt:"  # a free prompt's task name: the prefix, then the prompt as written

@@ -48,11 +48,10 @@ def florence_model(tiny_model):
 
 @pytest.fixture(scope="session")
 def annotator(florence_model):
-    from florence_cli.annotate import Annotator, GenerationSettings
+    from florence_cli.annotate import Annotator, GenerationSettings, RunConfig
 
-    return Annotator(
-        florence_model, batch_size=4, generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
-    )
+    config = RunConfig(batch_size=4, generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS))
+    return Annotator(config, model=florence_model)
 
 
 def random_image(seed: int, size: tuple[int, int] = (96, 72), mode: str = "RGB") -> Image.Image:

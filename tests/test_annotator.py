@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from florence_cli.annotate import Annotator, GenerationSettings
+from florence_cli.annotate import Annotator, GenerationSettings, RunConfig
 
 from .conftest import MAX_NEW_TOKENS, random_image, write_images
 from .helpers import read_jsonl
@@ -36,9 +36,9 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(florence_model, tmp_pa
     folder = tmp_path / "imgs"
     write_images(folder, 7)
     settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
-    expected = Annotator(florence_model, batch_size=1, generation=settings)
+    expected = Annotator(RunConfig(batch_size=1, generation=settings), model=florence_model)
     expected.run([str(folder)], tmp_path / "expected", ["OD"], jsonl=str(tmp_path / "expected.jsonl"))
-    annotator = Annotator(florence_model, batch_size=6, generation=settings)
+    annotator = Annotator(RunConfig(batch_size=6, generation=settings), model=florence_model)
     too_big = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(
         florence_model, "generate", _flaky_generate(florence_model, lambda f: too_big if len(f) > 2 else None)
@@ -53,7 +53,8 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(florence_model, tmp_pa
 def test_an_image_that_breaks_generation_fails_alone(florence_model, tmp_path, monkeypatch):
     folder = tmp_path / "imgs"
     paths = write_images(folder, 5)
-    annotator = Annotator(florence_model, batch_size=5, generation=GenerationSettings(max_new_tokens=8))
+    config = RunConfig(batch_size=5, generation=GenerationSettings(max_new_tokens=8))
+    annotator = Annotator(config, model=florence_model)
     guilty = annotator.model.pixel_values([_pixels(annotator, paths[3])])
     features_of_guilty = annotator.model.image_features(guilty)[0]
 
@@ -77,17 +78,20 @@ def _pixels(annotator, path):
 
 
 def test_batch_size_auto_on_cpu(florence_model):
-    assert Annotator(florence_model, batch_size="auto").batch_size == 8
+    assert Annotator(RunConfig(batch_size="auto"), model=florence_model).batch_size == 8
 
 
 @pytest.mark.parametrize("bad", ["0", "-3", "many"])
-def test_bad_batch_sizes(bad, tmp_path):
+def test_bad_batch_sizes(bad, tiny_model, tmp_path):
     from click.testing import CliRunner
 
     from florence_cli.cli import main
 
-    result = CliRunner().invoke(main, ["annotate", str(tmp_path), "-t", "OD", "-b", bad, "-m", str(tmp_path)])
-    assert result.exit_code == 2
+    write_images(tmp_path / "imgs", 1)
+    argv = ["annotate", str(tmp_path / "imgs"), "-t", "OD", "-b", bad, "-m", str(tiny_model)]
+    result = CliRunner().invoke(main, [*argv, "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "--batch-size" in result.output, result.output
+    assert not (tmp_path / "out").exists()  # refused before the output folder is made
 
 
 def test_only_located_answers_pay_for_a_scoring_pass(annotator, florence_model, monkeypatch):

@@ -9,7 +9,7 @@ from PIL import Image
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from florence_cli import beam
-from florence_cli.annotate import Annotator, GenerationSettings
+from florence_cli.annotate import Annotator, GenerationSettings, RunConfig
 from florence_cli.beam import _beams_alike
 from florence_cli.model import FlorenceModel
 
@@ -112,7 +112,8 @@ def test_settings_it_does_not_mirror_go_to_transformers_own_loop(varied, feature
 def test_annotate_on_varied_lengths_equals_reference(varied, varied_dir, tmp_path):
     images = write_images(tmp_path / "imgs", 6, start_seed=20)
     reference = Reference(varied_dir)
-    annotator = Annotator(varied, batch_size=6, generation=GenerationSettings(max_new_tokens=40))
+    config = RunConfig(batch_size=6, generation=GenerationSettings(max_new_tokens=40))
+    annotator = Annotator(config, model=varied)
     summary = annotator.run([str(tmp_path / "imgs")], tmp_path / "out", ["OD", "CAPTION"],
                             jsonl=str(tmp_path / "all.jsonl"))  # fmt: skip
     assert summary.exit_code == 0

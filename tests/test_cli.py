@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -294,18 +293,18 @@ def test_cuda_graphs_flag_runs_the_static_steps_on_cpu_and_is_a_setting(
 
 
 def test_decode_processes_by_default_only_feed_a_gpu(tiny_model, folder, tmp_path, monkeypatch):
-    """On CPU the model's threads use every core, so by default images decode in the main process."""
-    import torch
+    """On CPU the model's threads use every core, so by default images decode in the main process; on
+    CUDA the spare CPUs (at most 8) feed the GPU."""
+    from florence_cli import config, engine
 
-    from florence_cli.annotate import Annotator
-    from florence_cli.config import default_workers
-
-    assert default_workers(torch.device("cpu")) == 0
-    assert default_workers(torch.device("cuda")) >= min(1, (os.cpu_count() or 1) - 1)
+    for cpus, expected in [(1, 0), (4, 3), (32, 8)]:
+        monkeypatch.setattr(config.os, "cpu_count", lambda cpus=cpus: cpus)
+        assert (config.default_workers("cuda"), config.default_workers("cpu")) == (expected, 0)
+    monkeypatch.undo()
     asked = []
-    run = Annotator.run
+    stream = engine.decode_stream
     monkeypatch.setattr(
-        Annotator, "run", lambda self, *a, **kw: asked.append(kw["workers"]) or run(self, *a, **kw)
+        engine, "decode_stream", lambda *a, workers: asked.append(workers) or stream(*a, workers=workers)
     )
     default = _annotate(tiny_model, str(folder), "-t", "OD", "-o", str(tmp_path / "a"))
     two = _annotate(tiny_model, str(folder), "-t", "OD", "-o", str(tmp_path / "b"), "--workers", "2")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from florence_cli.annotate import Annotator, GenerationSettings
+from florence_cli.annotate import Annotator, GenerationSettings, RunConfig
 from florence_cli.tasks import TASKS, task_prompt
 
 from .conftest import MAX_NEW_TOKENS, write_images
@@ -39,9 +39,8 @@ def expected(reference, images):
 def test_every_task_every_batch_size_equals_reference(
     florence_model, images, expected, tmp_path, batch_size, workers
 ):
-    annotator = Annotator(
-        florence_model, batch_size=batch_size, generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
-    )
+    generation = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
+    annotator = Annotator(RunConfig(batch_size=batch_size, generation=generation), model=florence_model)
     records = []
     for text_kind in (None, "phrase", "region"):
         tasks = [t.name for t in TASKS.values() if (_text_for(t) and t.text_input.value) == text_kind]

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,8 @@ from florence_cli.cli import main
 
 from .conftest import MAX_NEW_TOKENS, write_images
 from .helpers import kill_mid_run, output_files, read_jsonl, wait_until
+
+pytestmark = pytest.mark.ray
 
 TASKS = ["OD", "CAPTION"]
 BATCH = 3
@@ -122,7 +124,7 @@ def cluster(ray_home):
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
-    from florence_cli.ray_engine import _present_token_at_hand
+    from florence_cli.ray_engine.cluster import _present_token_at_hand
 
     _present_token_at_hand()
     assert os.environ["RAY_AUTH_MODE"] == "token"
@@ -145,7 +147,7 @@ def folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def local_runs(tiny_model, folder, tmp_path_factory):
     """The local run to compare with, at a batch size (answers' float scores depend on the batches)."""
-    from florence_cli.annotate import Annotator, GenerationSettings
+    from florence_cli.annotate import Annotator, GenerationSettings, ModelConfig, RunConfig
 
     runs: dict[int, Path] = {}
 
@@ -153,7 +155,9 @@ def local_runs(tiny_model, folder, tmp_path_factory):
         if batch_size not in runs:
             out = tmp_path_factory.mktemp("local") / "out"
             generation = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
-            annotator = Annotator(str(tiny_model), device="cpu", batch_size=batch_size, generation=generation)
+            config = RunConfig(ModelConfig(str(tiny_model), device="cpu"), batch_size=batch_size,
+                               generation=generation)  # fmt: skip
+            annotator = Annotator(config)
             annotator.run([str(folder)], out, TASKS, jsonl=str(out.parent / "answers.jsonl"))
             runs[batch_size] = out
         return runs[batch_size]
@@ -179,6 +183,15 @@ def _engine(tiny_model, probe_dir: Path, **options):
     return RayEngine(config, RayOptions(**{"no_progress_timeout_s": -1, **options}), build=build)
 
 
+def _run(engine, inputs: list[str], out, tasks: list[str], **options):
+    """``runner.run`` with ``engine``, into ``out``, as the CLI runs it (``options``: ``RunConfig``'s)."""
+    from florence_cli.jobs import parse_requests
+    from florence_cli.runner import run
+
+    config = replace(engine.config, output=Path(out), **options)
+    return run(inputs, parse_requests(tasks), config, engine)
+
+
 def _probes(probe_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(probe_dir.glob("*.json"))]
 
@@ -192,7 +205,7 @@ def _raw_answers(out: Path) -> dict[tuple[str, str], str]:
 def test_same_files_as_local_one_replica_per_gpu(cluster, tiny_model, folder, local_run, tmp_path):
     out = tmp_path / "out"
     engine = _engine(tiny_model, tmp_path / "probes")
-    summary = engine.run([str(folder)], out, TASKS, jsonl=str(tmp_path / "answers.jsonl"))
+    summary = _run(engine, [str(folder)], out, TASKS, jsonl=str(tmp_path / "answers.jsonl"))
     assert (summary.annotated, summary.failed) == (12, 1)
     assert output_files(out) == output_files(local_run)
     assert (tmp_path / "answers.jsonl").read_bytes() == (local_run.parent / "answers.jsonl").read_bytes()
@@ -215,7 +228,7 @@ def test_a_killed_replica_loses_nothing_and_doubles_nothing(cluster, tiny_model,
 
     engine.results = kill_after_first
     out = tmp_path / "out"
-    summary = engine.run([str(folder)], out, TASKS)
+    summary = _run(engine, [str(folder)], out, TASKS)
     assert (summary.annotated, summary.failed) == (12, 1)
     assert output_files(out) == output_files(local_run)
     journal = read_jsonl(out / ".florence" / "journal.jsonl")
@@ -232,7 +245,7 @@ def test_a_file_that_crashes_or_exits_the_worker_fails_alone(
     shutil.copy(folder / "img00.png", inputs / "crash.png")
     shutil.copy(folder / "img01.png", inputs / "exit.png")
     out = tmp_path / "out"
-    summary = _engine(tiny_model, tmp_path / "probes").run([str(inputs)], out, TASKS)
+    summary = _run(_engine(tiny_model, tmp_path / "probes"), [str(inputs)], out, TASKS)
     assert (summary.annotated, summary.failed) == (12, 3)
     errors = {e["file"]: e["error"] for e in read_jsonl(out / "errors.jsonl")}
     assert errors["crash.png"] == "lost: worker crashed"
@@ -251,24 +264,79 @@ def test_a_replica_restarting_when_its_pass_ends_does_not_outlive_it(cluster, ti
     shutil.copy(folder / "img00.png", inputs / "crash.png")  # twice; the replica's restart then stops,
     shutil.copy(folder / "img01.png", inputs / "wait.png")  # and the other batch waits for that
     probes = tmp_path / "probes"
-    summary = _engine(tiny_model, probes, hold_after_crashes=2).run([str(inputs)], tmp_path / "out", TASKS)
+    engine = _engine(tiny_model, probes, hold_after_crashes=2)
+    summary = _run(engine, [str(inputs)], tmp_path / "out", TASKS)
     assert (summary.annotated, summary.failed) == (3, 1)
     assert len(_marked(probes, "crash")) == 4  # twice in its batch, twice alone: then it is guilty
     [held] = _marked(probes, "hold")
     assert wait_until(lambda: _gone(held)), "the replica restarting at the end of a pass is left running"
 
 
-def test_a_hung_replica_ends_its_pass_which_reports_what_is_left(cluster, tiny_model, folder, tmp_path):
+def test_a_hung_replica_ends_its_pass_and_is_gone(cluster, tiny_model, folder, tmp_path):
+    """On a real cluster: the pass ends and the hung replica's process with it. (Which other images are
+    answered depends on how long replicas take to start against the 3 s limit; the engine's bookkeeping
+    is proven without a cluster below.)"""
     inputs = tmp_path / "imgs"
     write_images(inputs, 4)
     shutil.copy(folder / "img00.png", inputs / "hang.png")  # its replica never answers again
     probes = tmp_path / "probes"
     engine = _engine(tiny_model, probes, gpu_workers=1, no_progress_timeout_s=3)
-    summary = engine.run([str(inputs)], tmp_path / "out", ["CAPTION"])
+    summary = _run(engine, [str(inputs)], tmp_path / "out", ["CAPTION"])
     assert summary.annotated + summary.failed == 5  # it ended, and every image is accounted for
     errors = {e["file"]: e["error"] for e in read_jsonl(tmp_path / "out" / "errors.jsonl")}
-    assert "hang.png" in errors and set(errors.values()) == {"lost: no progress for 3 s"}
-    assert all(wait_until(lambda pid=pid: _gone(pid)) for pid in _marked(probes, "hang"))
+    assert errors["hang.png"] == "lost: no progress for 3 s"
+    assert _marked(probes, "hang") and all(
+        wait_until(lambda pid=pid: _gone(pid)) for pid in _marked(probes, "hang")
+    )
+
+
+def test_a_pass_that_times_out_retries_its_missing_images_alone_and_loses_only_the_guilty(monkeypatch):
+    """The engine's passes with Ray Data stood in for (two replicas: a stalled batch holds one, the other
+    answers the rest): the first pass stalls on the batch holding hang.png; the image-by-image pass
+    answers the rest of that batch, and hang.png, stalling again, alone is lost."""
+    pytest.importorskip("ray")
+    from ray.data.exceptions import ExecutionTimeoutError
+
+    from florence_cli.config import RunConfig
+    from florence_cli.decode import ResizeSpec
+    from florence_cli.jobs import WorkItem, parse_requests, plan_jobs
+    from florence_cli.parse import parse_answer
+    from florence_cli.ray_engine import Placement, RayEngine, RayOptions
+    from florence_cli.ray_engine import engine as ray_engine
+    from florence_cli.ray_engine.stages import AnsweredImage, pack_answered
+
+    names = ["a.png", "b.png", "c.png", "d.png", "hang.png", "e.png", "f.png"]
+    requests = parse_requests(["CAPTION"])
+    work = []
+    for name in names:
+        ref = WorkItem(name, name, (name,))
+        work.append(WorkItem(name, name, (name,), tuple(plan_jobs(ref, requests)[0])))
+    passes = []
+
+    def dataset(rows, placement, replicas):
+        passes.append([list(row.idx) for row in rows])
+
+        class Stalling:
+            def iter_batches(self, **_):
+                answer = parse_answer(requests[0].task, "</s><s>a cat</s>", 64, 48)
+                for row in rows:
+                    if "hang.png" not in (names[i] for i in row.idx):
+                        yield pack_answered([AnsweredImage(i, 64, 48, [answer]) for i in row.idx])
+                if any(names[i] == "hang.png" for row in rows for i in row.idx):
+                    raise ExecutionTimeoutError("no progress")
+
+        return Stalling()
+
+    engine = RayEngine(RunConfig(batch_size=2), RayOptions(no_progress_timeout_s=3))
+    engine.placement, engine.resize = Placement(2, 0, 1.0, 1, "cpu"), ResizeSpec(size=None)
+    monkeypatch.setattr(engine, "_dataset", dataset)
+    monkeypatch.setattr(ray_engine, "reserve", lambda placement, replicas: None)
+    monkeypatch.setattr(ray_engine.ray.util, "remove_placement_group", lambda group: None)
+    results = [result for batch in engine.results(work) for result in batch]
+    assert passes == [[[0, 1], [2, 3], [4, 5], [6]], [[4], [5]]]
+    assert [r.item.name for r in results] == names  # in submission order
+    lost = {r.item.name: r.failure.reason for r in results if r.failure}
+    assert lost == {"hang.png": "lost: no progress for 3 s"}
 
 
 def _cli(model, folder, out, address):
@@ -318,7 +386,7 @@ def test_a_two_node_cluster_gives_the_same_output_files(cluster, tiny_model, fol
     cluster.wait_for_nodes()
     try:
         out = tmp_path / "out"
-        _engine(tiny_model, tmp_path / "probes", gpu_workers=3).run([str(folder)], out, TASKS)
+        _run(_engine(tiny_model, tmp_path / "probes", gpu_workers=3), [str(folder)], out, TASKS)
         assert output_files(out) == output_files(local_run)
         assert len({p["node"] for p in _probes(tmp_path / "probes")}) == 2
     finally:
@@ -385,3 +453,20 @@ def test_the_local_engine_never_imports_ray(tiny_model, tmp_path):
     code += "    print(e.code, 'ray' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["0", "False"], result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-t", "CAPTION_TO_PHRASE_GROUNDING", "--text", "car " * 1200], "the text input is too long"),
+        (["-t", "OD", "--max-new-tokens", "5000"], "--max-new-tokens 5000 is more than this model generates"),
+    ],
+)
+def test_engine_ray_refuses_what_the_model_cannot_hold_before_ray_starts(tiny_model, folder, tmp_path, args,
+                                                                          message):  # fmt: skip
+    ray = pytest.importorskip("ray")
+    out = tmp_path / "out"
+    argv = ["annotate", str(folder), "-m", str(tiny_model), "-o", str(out), "--engine", "ray", *args]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not out.exists() and not ray.is_initialized()

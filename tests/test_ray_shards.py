@@ -12,9 +12,11 @@ from florence_cli.tarshards import Member
 
 from .conftest import MAX_NEW_TOKENS, random_image
 from .helpers import image_bytes, output_files, read_jsonl, write_shard
-from .test_ray import BATCH, TASKS, _engine, cluster, ray_home  # noqa: F401 - the simulated cluster, in its own Ray home
+from .test_ray import BATCH, TASKS, _engine, _run, cluster, ray_home  # noqa: F401 - the simulated cluster, in its own Ray home
 
 pytest.importorskip("ray")
+
+pytestmark = pytest.mark.ray
 
 
 def _item(name: str, tar: str | None = None) -> WorkItem:
@@ -24,22 +26,22 @@ def _item(name: str, tar: str | None = None) -> WorkItem:
 
 
 def test_each_shard_is_read_by_one_task_and_files_batch_by_batch():
-    from florence_cli.ray_engine import _rows, read_groups
+    from florence_cli.ray_engine.stages import batch_rows, read_groups
 
     work = [*(_item(f"a/{i}", "a.tar") for i in range(5)), _item("f0.png"), _item("f1.png"),
             *(_item(f"b/{i}", "b.tar") for i in range(3))]  # fmt: skip
-    groups = read_groups(_rows(work, list(range(len(work))), 3))
-    assert [[row["idx"] for row in group] for group in groups] == [
+    groups = read_groups(batch_rows(work, list(range(len(work))), 3))
+    assert [[list(row.idx) for row in group] for group in groups] == [
         [[0, 1, 2], [3, 4, 5]],  # the batches that start in shard a (one ends with a file)
         [[6, 7, 8]],  # a batch that starts with a file: read alone
         [[9]],  # the rest of shard b
     ]
-    first = groups[0][0]["source"][0]
+    first = groups[0][0].source[0]
     assert isinstance(first, Member) and Path(first.tar).is_absolute()  # a worker's cwd is not ours
 
 
 def test_ray_on_shards_writes_the_files_of_a_local_run(cluster, tiny_model, tmp_path, monkeypatch):  # noqa: F811
-    from florence_cli.annotate import Annotator, GenerationSettings
+    from florence_cli.annotate import Annotator, GenerationSettings, ModelConfig, RunConfig
 
     monkeypatch.chdir(tmp_path)
     corrupt = {"png": b"\x89PNG\r\n\x1a\n" + bytes(100)}
@@ -48,10 +50,10 @@ def test_ray_on_shards_writes_the_files_of_a_local_run(cluster, tiny_model, tmp_
                    for k in range(4)]  # fmt: skip
         samples = [*samples[:2], ("bad", corrupt), *samples[2:]] if s else samples
         write_shard(Path(f"shards/{s:05d}.tar"), samples)
-    local = Annotator(str(tiny_model), device="cpu", batch_size=BATCH,
-                      generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS))  # fmt: skip
+    local = Annotator(RunConfig(ModelConfig(str(tiny_model), device="cpu"), batch_size=BATCH,
+                                generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)))  # fmt: skip
     local.run(["shards/*.tar"], "local", TASKS, parquet=True)
-    summary = _engine(tiny_model, tmp_path / "probes").run(["shards/*.tar"], "ray", TASKS, parquet=True)
+    summary = _run(_engine(tiny_model, tmp_path / "probes"), ["shards/*.tar"], "ray", TASKS, parquet=True)
     assert (summary.annotated, summary.failed) == (8, 1)
     assert output_files(Path("ray")) == output_files(Path("local"))  # COCO, captions and Parquet files
     errors = read_jsonl(Path("ray/errors.jsonl"))

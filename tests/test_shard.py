@@ -38,11 +38,10 @@ def test_shard_parses_and_splits_names_once_and_evenly():
 def annotator(florence_model):
     """Batches of one: the float scores in the outputs depend on the batches' make-up, which a shard
     changes (the answers themselves do not)."""
-    from florence_cli.annotate import Annotator, GenerationSettings
+    from florence_cli.annotate import Annotator, GenerationSettings, RunConfig
 
-    return Annotator(
-        florence_model, batch_size=3, generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
-    )
+    config = RunConfig(batch_size=3, generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS))
+    return Annotator(config, model=florence_model)
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""``florence annotate``: flags → a ``RunConfig`` → ``Annotator.run`` (or the Ray engine); domain errors
-→ one-line messages, refused before torch is imported wherever they can be."""
+"""``florence annotate``: flags → requests, a ``RunConfig`` and an engine → ``runner.run``; library errors
+→ one-line messages in the flags' names."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import click
 
 from ..config import PRODUCTS
 from ..discover import printable
-from ..tasks import TaskError
+from ..tasks import OptionError, TaskError
 from .options import Refusal, echo_err, quiet_libraries
 
 
@@ -258,60 +258,68 @@ def annotate(inputs: tuple[str, ...], **flags) -> None:
 
 
 def _annotate(inputs: tuple[str, ...], flags: dict):
-    """Everything that can be refused is refused before torch is imported; then the model loads."""
-    from ..captions import caption_task, metadata_folder
-    from ..checkpoint import ModelLoadError, checkpoint_layout, locate_model
+    """Flags into requests and a ``RunConfig``, the run through ``runner.run`` (whose preflight refuses,
+    before any image is read, what the flags alone cannot tell), library errors into one line each."""
+    from ..checkpoint import ModelLoadError
+    from ..engine import EngineError
     from ..jobs import parse_requests, split_texts
-    from ..outdir import OutputError, OutputFolder
+    from ..outdir import OutputError
+    from ..runner import run
 
     try:
         requests = parse_requests(
             list(flags["tasks"]), split_texts(list(flags["texts"])), flags["text_file"], flags["classes"],
             flags["ground_from"], flags["region"], list(flags["prompts"]),
         )  # fmt: skip
-        captions = _caption_options(flags)
-        caption_task(captions, [request.task for request in requests])  # refuses what cannot be meant
+        config = replace(_config(flags), captions=_caption_options(flags))
+        engine = _engine(flags, config)
+        stdin_lines = _stdin_lines(inputs)
+        inputs = _with_path_list(inputs, flags)
+        quiet_libraries(flags["quiet"])
+        return run(inputs, requests, config, engine, stdin_lines, on_error=_report)
+    except OptionError as exc:
+        raise click.UsageError(exc.worded(FLAGS)) from None
     except TaskError as exc:
         raise click.UsageError(str(exc)) from None
-    _check_engine(flags)
-    stdin_lines = _stdin_lines(inputs)
-    inputs = _with_path_list(inputs, flags)
-    if captions.hf_metadata:
-        try:
-            metadata_folder(inputs)  # the run's inputs, a --from-parquet list among them
-        except TaskError as exc:
-            raise click.UsageError(str(exc)) from None
-    config = replace(_config(flags), captions=captions)
-    try:
-        checkpoint_layout(locate_model(config.model.name, config.model.allow_pickle))
-        output = OutputFolder(config.output, config.settings(), config.overwrite)
-    except (ModelLoadError, OutputError) as exc:
+    except (ModelLoadError, OutputError, EngineError, ImportError) as exc:
         raise Refusal(str(exc)) from None
-    quiet_libraries(flags["quiet"])
 
-    def report(failure) -> None:
-        where = f"{printable(failure.name)} [{failure.task}]" if failure.task else printable(failure.name)
-        echo_err(f"error: {where}: {printable(failure.reason)}")
 
+# Options as the library names them in its messages (``OptionError``), and as this command spells them.
+FLAGS = {
+    "tasks": "-t", "prompts": "--prompt", "text": "--text", "region": "--region",
+    "ground_from": "--ground-from", "batch_size": "--batch-size", "workers": "--workers",
+    "generation.max_new_tokens": "--max-new-tokens", "captions.sidecar": "--sidecar",
+    "captions.sidecar_dir": "--sidecar-dir", "captions.extension": "--caption-extension",
+    "captions.naming": "--sidecar-naming", "captions.task": "--sidecar-task", "captions.prefix": "--prefix",
+    "captions.suffix": "--suffix", "captions.overwrite": "--overwrite-captions",
+    "captions.hf_metadata": "--hf-metadata",
+}  # fmt: skip
+
+
+def _report(failure) -> None:
+    """An image that failed: one line on stderr as it happens."""
+    where = f"{printable(failure.name)} [{failure.task}]" if failure.task else printable(failure.name)
+    echo_err(f"error: {where}: {printable(failure.reason)}")
+
+
+def _engine(flags: dict, config):
+    """The engine the flags ask for: this process, or Ray (whose flags need it, and which needs Ray)."""
+    if flags["engine"] == "local":
+        for name in _RAY_FLAGS:
+            if flags[name] is not None:
+                raise click.UsageError(f"--{name.replace('_', '-')} needs --engine ray")
+        from ..engine import LocalEngine
+
+        return LocalEngine(config)
+    if flags["workers"] is not None:
+        raise click.UsageError("--workers is for --engine local; with --engine ray use --decode-cpus")
     try:
-        if flags["engine"] == "ray":
-            return _run_on_ray(inputs, flags, requests, config, output, stdin_lines, report)
-        from ..annotate import Annotator
-
-        annotator = Annotator.from_config(config)
-        annotator.model.check_limits(requests, config.generation.max_new_tokens)
-        workers = config.decode_workers(annotator.model.device.type)
-        return annotator.run(
-            inputs, output, requests, workers=workers, stdin_lines=stdin_lines, on_error=report,
-            jsonl=config.jsonl, parquet=config.parquet, progress=config.progress, shard=config.shard,
-            captions=config.captions,
-        )  # fmt: skip
-    except ModelLoadError as exc:
-        output.close()
-        raise Refusal(str(exc)) from None
-    except TaskError as exc:
-        output.close()
-        raise click.UsageError(str(exc)) from None
+        ray_engine = import_module("..ray_engine", __package__)
+    except ImportError as exc:
+        raise Refusal(f"--engine ray needs Ray Data: pip install 'florence-cli[ray]' ({exc})") from None
+    options = ray_engine.RayOptions(flags["ray_address"], flags["gpu_workers"], flags["decode_cpus"])
+    return ray_engine.RayEngine(config, options)
 
 
 def _config(flags: dict):
@@ -369,15 +377,9 @@ def _stdin_lines(inputs: tuple[str, ...]):
 
 def _with_path_list(inputs: tuple[str, ...], flags: dict) -> list:
     """The inputs, and the list of ``--from-parquet`` (checked: it opens, it has the columns); refuses
-    a run with neither, ``--parquet`` without pyarrow, and the list's flags without a list."""
-    from ..formats.parquet import require_pyarrow
+    a run with neither, and the list's flags without a list."""
     from ..pathlist import PathList, PathListError
 
-    if flags["parquet"]:
-        try:
-            require_pyarrow()
-        except ImportError as exc:
-            raise Refusal(str(exc)) from None
     if not flags["path_list"]:
         for name in ("path_column", "key_column"):
             if flags[name]:
@@ -401,32 +403,3 @@ def _silence_stdout() -> None:
 
 
 _RAY_FLAGS = ("ray_address", "gpu_workers", "decode_cpus")
-
-
-def _check_engine(flags: dict) -> None:
-    """Ray's flags need --engine ray, and --engine ray needs Ray (one line and exit status 2, before the
-    output folder is touched); --workers (local decode processes) has no meaning there."""
-    if flags["engine"] == "local":
-        for name in _RAY_FLAGS:
-            if flags[name] is not None:
-                raise click.UsageError(f"--{name.replace('_', '-')} needs --engine ray")
-        return
-    if flags["workers"] is not None:
-        raise click.UsageError("--workers is for --engine local; with --engine ray use --decode-cpus")
-    try:
-        import_module("..ray_engine", __package__)
-    except ImportError as exc:
-        raise Refusal(f"--engine ray needs Ray Data: pip install 'florence-cli[ray]' ({exc})") from None
-
-
-def _run_on_ray(inputs, flags: dict, requests, config, output, stdin_lines, report):
-    """The same run with the model on Ray workers."""
-    from ..ray_engine import RayEngine, RayEngineError, RayOptions
-
-    options = RayOptions(flags["ray_address"], flags["gpu_workers"], flags["decode_cpus"])
-    try:
-        engine = RayEngine(config, options)
-        return engine.run(inputs, output, requests, stdin_lines=stdin_lines, on_error=report)
-    except RayEngineError as exc:
-        output.close()
-        raise Refusal(str(exc)) from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import Refusal, quiet_libraries
+from .options import Refusal
 
 
 @click.command()
@@ -15,10 +15,17 @@ def convert(source: str, destination: str, allow_pickle: bool) -> None:
     """Convert an original-format (Microsoft) checkpoint SOURCE into a native one at DESTINATION."""
     from pathlib import Path
 
-    from ..checkpoint import ModelLoadError, checkpoint_layout, console_shielded, first_line, locate_model
+    from ..checkpoint import (
+        ModelLoadError,
+        checkpoint_layout,
+        console_shielded,
+        first_line,
+        locate_model,
+        quiet_transformers,
+    )
     from ..original import OriginalCheckpointError, convert_checkpoint
 
-    quiet_libraries(quiet=False)
+    quiet_transformers()
     try:
         folder = locate_model(source, allow_pickle=allow_pickle)
         if checkpoint_layout(folder) != "original":
@@ -42,7 +49,8 @@ def convert(source: str, destination: str, allow_pickle: bool) -> None:
 )
 def make_tiny_model(folder: str, seed: int, ends_after: int) -> None:
     """Write a tiny random-weight Florence-2 checkpoint (a few MB) for offline smoke tests."""
+    from ..checkpoint import quiet_transformers
     from ..testing.tiny import make_tiny_model as build
 
-    quiet_libraries(quiet=True)
+    quiet_transformers()
     click.echo(str(build(folder, seed=seed, ends_after=ends_after)))

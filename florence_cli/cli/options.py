@@ -14,11 +14,8 @@ class Refusal(click.ClickException):
 
 
 def quiet_libraries(quiet: bool) -> None:
-    """Keep transformers' per-load progress bars and advice off stderr; stderr is for our progress."""
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    """``-q``: no Hub download bars either (transformers' own bars and advice are kept off stderr where
+    models load, ``model._loading``)."""
     if quiet:
         from huggingface_hub.utils import disable_progress_bars
 

@@ -1,0 +1,221 @@
+"""The runner through its seam: a fake engine answers from literal Florence-2 outputs, so resume, the
+journal, the errors log, captions, the rebuilt COCO and Parquet files and how a run ends are tested
+with no model loaded."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from florence_cli import runner
+from florence_cli.captions import CaptionClash
+from florence_cli.config import CaptionOptions, RunConfig
+from florence_cli.engine import batches
+from florence_cli.jobs import parse_requests
+from florence_cli.journal import Journal
+from florence_cli.parse import parse_answer
+from florence_cli.records import ImageFailure, ItemResult
+from florence_cli.tasks import OptionError
+
+from .conftest import write_images
+from .helpers import output_files, read_jsonl
+
+RAW = {
+    "OD": "</s><s>car<loc_53><loc_334><loc_147><loc_582>door handle<loc_10><loc_20><loc_30><loc_40></s>",
+    "CAPTION": "</s><s>A green car parked in front of a yellow building.</s>",
+}
+POSITIONS = 1024  # the fake checkpoint's limit on generated tokens
+
+
+class FakeEngine:
+    """Answers each job with ``RAW``'s text for its task, parsed as the model's answers are; images named
+    in ``failing`` fail; ``on_batch(number)`` runs after each batch is handed over. Records what it was
+    asked, in order."""
+
+    def __init__(self, failing: tuple[str, ...] = (), on_batch=None, batch_size: int = 2):
+        self.failing = failing
+        self.on_batch = on_batch or (lambda number: None)
+        self.batch_size = batch_size
+        self.calls: list[str] = []
+        self.sent: list[str] = []
+
+    def check(self, requests, max_new_tokens):
+        self.calls.append("check")
+        if max_new_tokens is not None and max_new_tokens > POSITIONS:
+            raise OptionError(f"`generation.max_new_tokens` {max_new_tokens} is more than {POSITIONS}")
+
+    def start(self) -> str:
+        self.calls.append("start")
+        return "per-image"
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+    def results(self, items):
+        for number, batch in enumerate(batches(items, self.batch_size)):
+            self.sent += [item.name for item in batch]
+            yield [self._answer(item) for item in batch]
+            self.on_batch(number)
+
+    def _answer(self, item) -> ItemResult:
+        if item.name in self.failing:
+            return ItemResult(item, failure=ImageFailure(item.name, "generation failed: RuntimeError: bad"))
+        answers = [parse_answer(job.task, RAW[job.task.name], 640, 480) for job in item.jobs]
+        return ItemResult(item, 640, 480, answers=answers)
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    write_images(tmp_path / "imgs", 5)
+    return tmp_path / "imgs"
+
+
+def _run(inputs, out: Path, engine: FakeEngine, tasks=("OD", "CAPTION"), **options) -> runner.RunSummary:
+    config = replace(RunConfig(output=out), **options)
+    return runner.run([str(i) for i in inputs], parse_requests(list(tasks)), config, engine)
+
+
+def test_answers_become_coco_text_parquet_and_jsonl(images, tmp_path):
+    from pycocotools.coco import COCO
+
+    engine = FakeEngine()
+    out = tmp_path / "out"
+    summary = _run([images], out, engine, parquet=True, jsonl=str(tmp_path / "a.jsonl"))
+    assert (summary.images, summary.annotated, summary.answers, summary.exit_code) == (5, 5, 10, 0)
+    assert engine.calls == ["check", "start", "close"]
+    coco = COCO(str(out / "od.json"))
+    assert len(coco.getImgIds()) == 5 and len(coco.getAnnIds()) == 10
+    [car] = [a for a in coco.loadAnns(coco.getAnnIds()) if a["image_id"] == 1][:1]
+    assert coco.loadCats(car["category_id"])[0]["name"] == "car"
+    assert car["bbox"] == pytest.approx([53.5 * 0.64, 334.5 * 0.48, 94 * 0.64, 248 * 0.48])
+    assert (out / "caption" / "img00.png.txt").read_text() == RAW["CAPTION"][7:-4]
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(out / "caption.parquet").num_rows == 5
+    assert len(read_jsonl(tmp_path / "a.jsonl")) == 10
+
+
+def test_resume_sends_only_what_is_missing_and_ends_with_one_runs_files(images, tmp_path):
+    once = tmp_path / "once"
+    _run([images], once, FakeEngine())
+    out = tmp_path / "out"
+    first = _run([images], out, FakeEngine(failing=("img03.png",)))
+    assert (first.exit_code, first.failed) == (1, 1)
+    again = FakeEngine()
+    second = _run([images], out, again)
+    assert again.sent == ["img03.png"] and (second.skipped, second.annotated) == (4, 1)
+    subset = FakeEngine()
+    third = _run([images], out, subset, tasks=("OD",))  # a rerun of a subset of the tasks adds nothing
+    assert subset.sent == [] and third.skipped == 5
+    assert output_files(out) == output_files(once)
+
+
+def test_a_damaged_journal_line_is_skipped_and_its_answer_done_again(images, tmp_path):
+    out = tmp_path / "out"
+    _run([images], out, FakeEngine(), tasks=("OD",))
+    journal = out / ".florence" / "journal.jsonl"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(b"".join([lines[0], b'{"file": "img01.png", "ta\n', *lines[2:]]))
+    engine = FakeEngine()
+    summary = _run([images], out, engine, tasks=("OD",))
+    assert summary.damaged_journal_lines == 1 and engine.sent == ["img01.png"]
+    assert len(json.loads((out / "od.json").read_text())["images"]) == 5
+
+
+def test_the_errors_log_is_in_name_order_whatever_order_failures_came(images, tmp_path):
+    out = tmp_path / "out"
+    engine = FakeEngine(failing=("img04.png", "img00.png", "img02.png"), batch_size=5)
+    engine.results = lambda items, results=engine.results: (batch[::-1] for batch in results(items))
+    _run([images], out, engine)
+    assert [e["file"] for e in read_jsonl(out / "errors.jsonl")] == ["img00.png", "img02.png", "img04.png"]
+
+
+def test_caption_files_of_earlier_answers_are_written_at_the_end_without_the_engine(images, tmp_path):
+    out, side = tmp_path / "out", tmp_path / "side"
+    _run([images], out, FakeEngine(), tasks=("CAPTION",))
+    engine = FakeEngine()
+    captions = CaptionOptions(sidecar_dir=side, prefix="ohwx, ")
+    summary = _run([images], out, engine, tasks=("CAPTION",), captions=captions)
+    assert engine.sent == [] and summary.skipped == 5
+    assert (side / "img02.txt").read_text() == "ohwx, A green car parked in front of a yellow building."
+    ledger = read_jsonl(out / ".florence" / "captions.jsonl")
+    assert sorted(Path(r["path"]).name for r in ledger) == [f"img0{i}.txt" for i in range(5)]
+
+
+def test_inputs_are_discovered_once_with_caption_files(images, tmp_path, monkeypatch):
+    calls = []
+    discover = runner.discover
+    monkeypatch.setattr(runner, "discover", lambda *a: calls.append(a) or discover(*a))
+    captions = CaptionOptions(sidecar_dir=tmp_path / "side")
+    summary = _run([images], tmp_path / "out", FakeEngine(), tasks=("CAPTION",), captions=captions)
+    assert summary.annotated == 5 and len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"generation": replace(RunConfig().generation, max_new_tokens=5000)}, "max_new_tokens"),
+        ({"batch_size": 0}, "`batch_size`"),
+        ({"workers": -1}, "`workers`"),
+        ({"captions": CaptionOptions(prefix="x")}, "`captions.prefix` needs"),
+    ],
+)
+def test_preflight_refuses_before_the_output_folder_or_the_model(images, tmp_path, options, error):
+    engine = FakeEngine()
+    with pytest.raises(OptionError, match=error):
+        _run([images], tmp_path / "out", engine, **options)
+    assert "start" not in engine.calls and not (tmp_path / "out").exists()
+
+
+def test_preflight_refuses_two_images_sharing_a_caption_file_before_the_model(images, tmp_path):
+    (images / "img00.png").rename(images / "same.png")
+    (images / "img01.png").rename(images / "same.jpg")
+    engine = FakeEngine()
+    with pytest.raises(CaptionClash, match="would share the caption file"):
+        _run([images], tmp_path / "out", engine, tasks=("CAPTION",), captions=CaptionOptions(sidecar=True))
+    assert engine.calls == ["check"] and engine.sent == []
+
+
+def test_ctrl_c_stops_with_the_files_agreeing_with_the_journal(images, tmp_path):
+    out = tmp_path / "out"
+    engine = FakeEngine(on_batch=lambda number: os.kill(os.getpid(), signal.SIGINT), batch_size=2)
+    summary = _run([images], out, engine, tasks=("OD",))
+    assert summary.exit_code == 130 and summary.annotated == 2
+    journaled = {r["file"] for r in read_jsonl(out / ".florence" / "journal.jsonl")}
+    coco = json.loads((out / "od.json").read_text())
+    assert {image["file_name"] for image in coco["images"]} == journaled == {"img00.png", "img01.png"}
+    rerun = FakeEngine()
+    assert _run([images], out, rerun, tasks=("OD",)).exit_code == 0
+    assert rerun.sent == ["img02.png", "img03.png", "img04.png"]
+
+
+def test_a_full_disk_stops_the_run_and_the_same_command_finishes_it(images, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    append = Journal.append
+
+    def full_after_one(journal, answers):
+        if journal.path.read_bytes().count(b"\n") >= 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        append(journal, answers)
+
+    monkeypatch.setattr(Journal, "append", full_after_one)
+    summary = _run([images], out, FakeEngine(), tasks=("OD",))
+    assert summary.exit_code == runner.EXIT_OUTPUT_FAILED and "No space left" in summary.line()
+    assert len(json.loads((out / "od.json").read_text())["images"]) == 2  # what the journal holds
+    monkeypatch.undo()
+    rerun = FakeEngine()
+    assert _run([images], out, rerun, tasks=("OD",)).exit_code == 0 and len(rerun.sent) == 3
+
+
+def test_the_engine_is_closed_when_the_run_fails(images, tmp_path):
+    engine = FakeEngine()
+    engine.results = lambda items: (_ for _ in ()).throw(RuntimeError("lost device"))
+    with pytest.raises(RuntimeError, match="lost device"):
+        _run([images], tmp_path / "out", engine)
+    assert engine.calls[-1] == "close"
