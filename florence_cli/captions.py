@@ -20,7 +20,7 @@ from pathlib import Path
 from .config import CaptionOptions
 from .discover import IMAGE_EXTENSIONS, ImageRef, short_digest
 from .records import Answer
-from .tasks import OptionError, Output, Task, TaskError
+from .tasks import OptionError, Output, Task
 from .writers import atomic_writer
 
 LEDGER = "captions.jsonl"
@@ -28,7 +28,7 @@ _CAPTION_FILES = "`captions.sidecar`, `captions.sidecar_dir` or `captions.hf_met
 METADATA = "metadata.jsonl"  # the name Hugging Face's imagefolder loader looks for
 
 
-class CaptionClash(TaskError):
+class CaptionClash(OptionError):
     """An image's caption file cannot be had: another image takes it, or a shard's sample has no folder."""
 
 
@@ -111,14 +111,14 @@ class CaptionFiles:
         if image.member is not None and self.options.sidecar_dir is None:
             raise CaptionClash(
                 f"{image.name} is a sample of a tar shard, with no folder to put its caption beside: "
-                "write captions under a folder of their own with --sidecar-dir"
+                "write captions under a folder of their own with `captions.sidecar_dir`"
             )
         target = self.sidecar_path(image)
         key = short_digest(os.fsencode(os.path.abspath(target)))
         if key in self._claimed:
             raise CaptionClash(
                 f"{_clashing(image, target)} would share the caption file {target}: rename one, or name "
-                "captions by the whole file name with --sidecar-naming full"
+                "captions by the whole file name with `captions.naming` full"
             )
         self._claimed.add(key)
 

@@ -104,7 +104,13 @@ class OptionError(TaskError):
 
     def worded(self, names: Mapping[str, str]) -> str:
         """The message with each quoted option given its name in ``names`` (others keep theirs)."""
-        return re.sub(r"`([\w.]+)`", lambda m: names.get(m[1], m[0]), str(self))
+        return worded(str(self), names)
+
+
+def worded(message: str, names: Mapping[str, str]) -> str:
+    """``message`` (an ``OptionError``'s, or an image's failure made of one) with each option quoted in it
+    given its name in ``names``."""
+    return re.sub(r"`([\w.]+)`", lambda m: names.get(m[1], m[0]), message)
 
 
 PROMPT_PREFIX = "prompt:"  # a free prompt's task name: the prefix, then the prompt as written

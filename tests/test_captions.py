@@ -149,13 +149,13 @@ def test_paths_on_stdin_that_would_share_a_caption_fail_the_second_image_only(ti
 
 
 def test_captions_come_from_one_named_text_task(annotator, images, tmp_path):
-    with pytest.raises(TaskError, match="--sidecar-task"):
+    with pytest.raises(TaskError, match=r"`captions\.task`"):
         _run(annotator, images, tmp_path / "out", ["CAPTION", "OCR"], sidecar=True)
     with pytest.raises(TaskError, match="not among the text tasks"):
         _run(annotator, images, tmp_path / "out", ["CAPTION", "OD"], sidecar=True, task="OCR")
     with pytest.raises(TaskError, match="need a text task"):
         _run(annotator, images, tmp_path / "out", ["OD"], sidecar=True)
-    with pytest.raises(TaskError, match="--prefix needs --sidecar"):
+    with pytest.raises(TaskError, match=r"`captions\.prefix` needs `captions\.sidecar`"):
         _run(annotator, images, tmp_path / "out", ["CAPTION"], prefix="ohwx, ")
     out = tmp_path / "out"
     _run(annotator, images, out, ["CAPTION", "OCR", "OD"], sidecar=True, task="ocr")
@@ -229,7 +229,7 @@ def test_a_caption_that_is_a_link_is_never_followed(annotator, images, tmp_path)
 def test_shard_samples_take_captions_under_sidecar_dir_only(annotator, tmp_path):
     samples = [(f"{n:06d}", {"jpg": image_bytes(random_image(n), "JPEG"), "txt": b"alt"}) for n in range(2)]
     shard = write_shard(tmp_path / "shards" / "00000.tar", samples)
-    with pytest.raises(TaskError, match="--sidecar-dir"):
+    with pytest.raises(TaskError, match=r"`captions\.sidecar_dir`"):
         _run(annotator, shard, tmp_path / "out", sidecar=True)
     captions = tmp_path / "captions"
     summary = _run(annotator, shard, tmp_path / "out", sidecar_dir=captions)

@@ -16,7 +16,7 @@ import click
 
 from ..config import PRODUCTS
 from ..discover import printable
-from ..tasks import OptionError, TaskError
+from ..tasks import OptionError, TaskError, worded
 from .options import Refusal, echo_err, quiet_libraries
 
 
@@ -300,7 +300,7 @@ FLAGS = {
 def _report(failure) -> None:
     """An image that failed: one line on stderr as it happens."""
     where = f"{printable(failure.name)} [{failure.task}]" if failure.task else printable(failure.name)
-    echo_err(f"error: {where}: {printable(failure.reason)}")
+    echo_err(f"error: {where}: {printable(worded(failure.reason, FLAGS))}")
 
 
 def _engine(flags: dict, config):
