@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import json
 import re
@@ -69,6 +70,27 @@ def locate_model(model: str, allow_pickle: bool = False) -> Path:
         return Path(snapshot_download(model, allow_patterns=patterns))
     except Exception as error:  # the Hub's errors are many; the user needs one line
         raise ModelLoadError(f"cannot find model {model!r}: {_hub_failure(error)}") from None
+
+
+def model_identity(folder: Path) -> str:
+    """What a located checkpoint is, however it was named (a Hub id, its snapshot folder, a copy, a
+    relative path): a digest of its files' contents — configs and tokenizer whole, each weight file by
+    its size and its first, middle and last MiB (what a replaced or retrained file changes, read in
+    milliseconds however large)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).iterdir()):
+        if path.suffix not in {".json", ".txt", ".model", ".safetensors", ".bin"} or not path.is_file():
+            continue
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as file:
+            for offset in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
+                file.seek(offset)
+                digest.update(file.read(_SAMPLE))
+    return digest.hexdigest()[:16]
+
+
+_SAMPLE = 1 << 20
 
 
 def _hub_failure(error: Exception) -> str:

@@ -13,7 +13,7 @@ from itertools import islice
 from typing import TYPE_CHECKING, Protocol
 
 from .answer import AnswererBuilder, BatchAnswerer
-from .checkpoint import checkpoint_layout, locate_model
+from .checkpoint import checkpoint_layout, locate_model, model_identity
 from .config import RunConfig
 from .decode import DecodeFailure, decode_stream
 from .records import ImageFailure, ItemResult
@@ -27,9 +27,10 @@ class EngineError(Exception):
 
 
 class Engine(Protocol):
-    def check(self, requests: list[TaskRequest], max_new_tokens: int | None) -> None:
+    def check(self, requests: list[TaskRequest], max_new_tokens: int | None) -> str | None:
         """Refuse, before any image is read and without loading weights, a checkpoint that cannot be used
-        (``ModelLoadError``) or requests it cannot hold (``TaskError``)."""
+        (``ModelLoadError``) or requests it cannot hold (``TaskError``). Returns the checkpoint's id
+        (``checkpoint.model_identity``), None for a model handed in loaded."""
         ...
 
     def start(self) -> str:
@@ -61,16 +62,18 @@ class LocalEngine:
         self.config = config
         self.answerer = answerer
 
-    def check(self, requests: list[TaskRequest], max_new_tokens: int | None) -> None:
+    def check(self, requests: list[TaskRequest], max_new_tokens: int | None) -> str | None:
         if self.answerer is not None:
             self.answerer.model.preprocessing.check(requests, max_new_tokens)
-            return
+            return None
         model = self.config.model
-        checkpoint_layout(locate_model(model.name, model.allow_pickle))  # refused before torch is imported
+        folder = locate_model(model.name, model.allow_pickle)
+        checkpoint_layout(folder)  # refused before torch is imported
         from .model import Preprocessing, resolve_device
 
         resolve_device(model.device)  # a device this machine lacks, before the output folder is touched
         Preprocessing.load(model.name, model.allow_pickle).check(requests, max_new_tokens)
+        return model_identity(folder)
 
     def start(self) -> str:
         if self.answerer is None:

@@ -20,7 +20,7 @@ from .config import Shard
 from .discover import name_order
 from .formats.parquet import file_task
 from .journal import read_journal
-from .outdir import STATE, OutputError, OutputFolder, read_errors, read_settings
+from .outdir import STATE, OutputError, OutputFolder, read_errors, read_settings, settings_differences
 from .tasks import Task, resolve_task
 from .writers import atomic_writer
 
@@ -86,8 +86,11 @@ def _common_settings(folders: list[Path]) -> dict:
             raise MergeError(str(exc)) from None
         if "shard" in settings:
             shards.append(Shard.parse(settings.pop("shard")))
-        if common is not None and settings != common:
-            raise MergeError(f"{folder} was made with other settings than {folders[0]}: {settings}, {common}")
+        differences = settings_differences(common, settings) if common is not None else []
+        if differences:
+            raise MergeError(
+                f"{folder} was made with other settings than {folders[0]}: {'; '.join(differences)}"
+            )
         common = settings
     if shards:
         counts = {s.count for s in shards}

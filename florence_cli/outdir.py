@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .formats.coco import write_coco
@@ -57,12 +57,21 @@ def describe_os_error(exc: OSError) -> str:
 class OutputFolder:
     """An output folder opened for one run; ``close`` releases it."""
 
-    def __init__(self, path: str | Path, settings: dict, overwrite: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        settings: dict,
+        overwrite: bool = False,
+        identify: Callable[[str], str | None] | None = None,
+    ):
+        """``settings``: what its answers depend on (``RunConfig.settings``, with the checkpoint's
+        ``model_id`` where known); ``identify``: a model name's id, for folders made before ids were
+        recorded."""
         self.path = Path(path)
         self.state = self.path / STATE
         self._lock: int | None = None
         try:
-            self._open(settings, overwrite)
+            self._open(settings, overwrite, identify)
         except OSError as exc:
             self.close()
             raise OutputError(f"cannot write to {self.path}: {describe_os_error(exc)}") from None
@@ -70,7 +79,7 @@ class OutputFolder:
             self.close()
             raise
 
-    def _open(self, settings: dict, overwrite: bool) -> None:
+    def _open(self, settings: dict, overwrite: bool, identify: Callable[[str], str | None] | None) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise OutputError(f"{self.path} is not a folder")
         self.state.mkdir(parents=True, exist_ok=True)
@@ -81,7 +90,7 @@ class OutputFolder:
         if shutil.disk_usage(self.path).free == 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         self.journal = Journal(self.state / "journal.jsonl")
-        _check_settings(self.state / "settings.json", settings, holds_answers=bool(self.journal.done))
+        _check_settings(self.state / "settings.json", settings, bool(self.journal.done), identify)
         self.errors = open(self.path / "errors.jsonl", "w", encoding="utf-8")  # noqa: SIM115
 
     def text_path(self, task: Task, name: str) -> Path:
@@ -172,19 +181,63 @@ def _take_lock(state: Path, folder: Path) -> int | None:
     return handle
 
 
-def _check_settings(path: Path, settings: dict, holds_answers: bool) -> None:
-    """Refuse other settings than those the folder's answers were made with; a folder without answers
-    (say, a run whose model failed to load) takes the new ones."""
+def _check_settings(
+    path: Path, settings: dict, holds_answers: bool, identify: Callable[[str], str | None] | None
+) -> None:
+    """Refuse other settings than those the folder's answers were made with, naming each that differs;
+    a folder without answers (say, a run whose model failed to load) takes the new ones."""
     if path.exists() and holds_answers:
         try:
             earlier = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
             raise OutputError(f"{path} is damaged; use --overwrite or another output folder") from None
-        if earlier != settings:
+        differences = settings_differences(earlier, settings, identify)
+        if differences:
             raise SettingsMismatch(
-                f"{path.parent.parent} holds results made with other settings ({earlier}); "
-                "use --overwrite or another output folder"
+                f"{path.parent.parent} holds answers made with other settings: {'; '.join(differences)}. "
+                "To add to them, run with the earlier settings; to keep both, write to another output "
+                "folder; --overwrite starts over (its answers are lost)"
             )
     else:
         with atomic_writer(path) as file:
             file.write(json.dumps(settings, indent=1))
+
+
+def settings_differences(
+    earlier: dict, now: dict, identify: Callable[[str], str | None] | None = None
+) -> list[str]:
+    """Each setting that differs, as ``name: old → new``. A model is compared by what it is
+    (``model_id``), not by how it was named; a folder made before ids were recorded names its model only,
+    which ``identify`` turns into an id where it can."""
+    differences = []
+    earlier_id = earlier.get("model_id")
+    if earlier_id is None and identify and earlier.get("model") != now.get("model"):
+        earlier_id = identify(earlier["model"])
+    same_model = earlier_id == now.get("model_id") if earlier_id and now.get("model_id") else None
+    if same_model is False or (same_model is None and earlier.get("model") != now.get("model")):
+        differences.append(f"model: {earlier.get('model')} → {now.get('model')}")
+    for key in sorted((set(earlier) | set(now)) - {"model", "model_id"}):
+        old, new = earlier.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += [
+                f"{key}.{name}: {_shown(old.get(name))} → {_shown(new.get(name))}"
+                for name in sorted(set(old) | set(new))
+                if old.get(name) != new.get(name)
+            ]
+        elif old != new:
+            differences.append(_difference(key, old, new))
+    return differences
+
+
+def _difference(key: str, old, new) -> str:
+    if key == "exact":  # recorded (False) for batched products only
+        batched = "batched"
+        other = "per-image or invariant"
+        return f"products: {batched if old is False else other} → {batched if new is False else other}"
+    if key == "cuda_graphs":
+        return f"cuda_graphs: {'on' if old else 'off'} → {'on' if new else 'off'}"
+    return f"{key}: {_shown(old)} → {_shown(new)}"
+
+
+def _shown(value) -> str:
+    return "none" if value is None else str(value)

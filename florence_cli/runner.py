@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 from .captions import CaptionClash, CaptionFiles, caption_task, metadata_folder
+from .checkpoint import ModelLoadError, locate_model, model_identity
 from .config import RunConfig
 from .discover import Duplicate, ImageRef, Input, InputError, discover, printable
 from .engine import Engine
@@ -121,8 +122,8 @@ def preflight(
     3. ``captions.hf_metadata`` without one input folder (``OptionError``);
     4. the checkpoint, without its weights: found, usable, on a device there is, and holding every text
        and ``generation.max_new_tokens`` (``engine.check``: ``ModelLoadError``, ``TaskError``);
-    5. the output folder: a folder, writable, not in use, holding answers made with the same settings
-       (``OutputError``);
+    5. the output folder: a folder, writable, not in use, holding answers made with the same settings —
+       the same model by what it is, however named (``OutputError``);
     6. caption files that two images would share (``CaptionClash``; the inputs are discovered here, once;
        paths on standard input are checked as they come).
     """
@@ -131,8 +132,9 @@ def preflight(
     if config.parquet:
         require_pyarrow()
     root = metadata_folder(inputs) if task and config.captions.hf_metadata else None
-    engine.check(requests, config.generation.max_new_tokens)
-    folder = OutputFolder(config.output, config.settings(), config.overwrite)
+    model_id = engine.check(requests, config.generation.max_new_tokens)
+    settings = {**config.settings(), **({"model_id": model_id} if model_id else {})}
+    folder = OutputFolder(config.output, settings, config.overwrite, identify_model)
     checked = Preflight(folder, ShardProgress(folder.journal, requests_identity(requests)))
     if task is None:
         return checked
@@ -148,6 +150,14 @@ def preflight(
             raise
         checked.captions.claimed_ahead = True
     return checked
+
+
+def identify_model(name: str) -> str | None:
+    """The id of the checkpoint ``name`` names here, if it can be found (``checkpoint.model_identity``)."""
+    try:
+        return model_identity(locate_model(name))
+    except ModelLoadError:
+        return None
 
 
 def run(

@@ -38,8 +38,9 @@ class FakeEngine:
     in ``failing`` fail; ``on_batch(number)`` runs after each batch is handed over. Records what it was
     asked, in order."""
 
-    def __init__(self, failing: tuple[str, ...] = (), on_batch=None, batch_size: int = 2):
+    def __init__(self, failing: tuple[str, ...] = (), on_batch=None, batch_size: int = 2, model_id="fake"):
         self.failing = failing
+        self.model_id = model_id
         self.on_batch = on_batch or (lambda number: None)
         self.batch_size = batch_size
         self.calls: list[str] = []
@@ -49,6 +50,7 @@ class FakeEngine:
         self.calls.append("check")
         if max_new_tokens is not None and max_new_tokens > POSITIONS:
             raise OptionError(f"`generation.max_new_tokens` {max_new_tokens} is more than {POSITIONS}")
+        return self.model_id
 
     def start(self) -> str:
         self.calls.append("start")
@@ -219,3 +221,47 @@ def test_the_engine_is_closed_when_the_run_fails(images, tmp_path):
     with pytest.raises(RuntimeError, match="lost device"):
         _run([images], tmp_path / "out", engine)
     assert engine.calls[-1] == "close"
+
+
+def test_a_model_is_recognised_however_it_is_named(images, tmp_path, monkeypatch):
+    from florence_cli.checkpoint import model_identity
+    from florence_cli.config import ModelConfig
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    out, model_id = tmp_path / "out", model_identity(model)
+    sent = []
+    for name in ("model", "./model/", str(model)):
+        engine = FakeEngine(model_id=model_id)
+        assert _run([images], out, engine, tasks=("OD",), model=ModelConfig(name)).exit_code == 0
+        sent.append(len(engine.sent))
+    assert sent == [5, 0, 0]  # the same model, three ways: resumed
+    settings = out / ".florence" / "settings.json"  # as a folder made before models had ids records it
+    settings.write_text(
+        json.dumps({k: v for k, v in json.loads(settings.read_text()).items() if k != "model_id"})
+    )
+    summary = _run([images], out, FakeEngine(model_id=model_id), tasks=("OD",), model=ModelConfig(str(model)))
+    assert summary.skipped == 5
+
+
+def test_other_settings_are_refused_naming_each_difference_and_what_keeps_the_work(images, tmp_path):
+    from florence_cli.config import ModelConfig
+    from florence_cli.outdir import SettingsMismatch
+
+    out = tmp_path / "out"
+    _run([images], out, FakeEngine(), tasks=("OD",))
+    generation = replace(RunConfig().generation, max_new_tokens=30)
+    with pytest.raises(SettingsMismatch) as refused:
+        _run([images], out, FakeEngine(model_id="other"), tasks=("OD",), generation=generation,
+             model=ModelConfig("other-model", products="batched"))  # fmt: skip
+    message = str(refused.value)
+    assert "generation.max_new_tokens: 1024 → 30" in message
+    assert "products: per-image or invariant → batched" in message
+    assert "model: mrhendrey/Florence-2-large-ft-safetensors → other-model" in message
+    assert (
+        message.index("run with the earlier settings")
+        < message.index("another output folder")
+        < message.index("--overwrite")
+    )

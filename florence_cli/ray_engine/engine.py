@@ -79,9 +79,10 @@ class RayEngine:
         self.threads = 0  # set by ``check``: the CPU threads a local run computes with
         self._started_ray = False
 
-    def check(self, requests: list[TaskRequest], max_new_tokens: int | None) -> None:
+    def check(self, requests: list[TaskRequest], max_new_tokens: int | None) -> str | None:
         """The checkpoint's preprocessing, read on the driver (no weights): it refuses what the replicas'
-        models could not hold, and tells the decode tasks how to resize."""
+        models could not hold, and tells the decode tasks how to resize. Returns the checkpoint's id."""
+        from ..checkpoint import locate_model, model_identity
         from ..model import Preprocessing, compute_threads
 
         model = self.config.model
@@ -89,6 +90,7 @@ class RayEngine:
         preprocessing.check(requests, max_new_tokens)
         self.resize = preprocessing.resize_spec
         self.threads = compute_threads()  # CPU replicas use as many, for the same bytes
+        return model_identity(locate_model(model.name, model.allow_pickle))
 
     def start(self) -> str:
         """Join the cluster (or start Ray here) and size the job; idempotent. The products mode is the one
