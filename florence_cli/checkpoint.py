@@ -10,6 +10,7 @@ keeps loaders off stdout and stdin. Neither torch nor transformers is imported h
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import hashlib
 import io
@@ -61,8 +62,9 @@ def locate_model(model: str, allow_pickle: bool = False) -> Path:
                 f"model {model} is not a folder (a model is a checkpoint folder or a Hub id)"
             )
         return path
-    if model.startswith((".", "/", "~")) or not HUB_ID.fullmatch(model):
-        raise ModelLoadError(f"model folder {model} does not exist")
+    # A Hub id is owner/name; a bare word that names no folder here is a folder's name mistyped.
+    if model.startswith((".", "/", "~")) or not HUB_ID.fullmatch(model) or "/" not in model:
+        raise ModelLoadError(f"model folder {model} does not exist{_did_you_mean(path)}")
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.txt", "*.safetensors", "*.model"] + (["*.bin"] if allow_pickle else [])
@@ -91,6 +93,16 @@ def model_identity(folder: Path) -> str:
 
 
 _SAMPLE = 1 << 20
+
+
+def _did_you_mean(path: Path) -> str:
+    """``; did you mean ./tiny-model?`` where a folder beside the one named has a close name."""
+    try:
+        beside = [entry.name for entry in path.parent.iterdir() if entry.is_dir()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, beside, n=1, cutoff=0.8)
+    return f"; did you mean {path.parent / close[0]}?" if close else ""
 
 
 def _hub_failure(error: Exception) -> str:

@@ -86,9 +86,7 @@ def describe_error(exc: BaseException) -> str:
         text = exc.strerror
     if type(exc).__name__ == "UnidentifiedImageError":
         return "not a readable image"
-    if isinstance(exc, ValueError) and text:
-        return text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text or "the image decoder failed"  # the library's own words; never a class name
 
 
 def decode_or_reason(source: str | Member, spec: ResizeSpec) -> tuple[int, int, np.ndarray] | str:

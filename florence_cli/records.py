@@ -115,6 +115,11 @@ class Answer:
         )  # fmt: skip
 
 
+def counted(number: int, thing: str) -> str:
+    """A count as a message says it: ``1 image``, ``2 images``."""
+    return f"{number} {thing}" if number == 1 else f"{number} {thing}s"
+
+
 def job_identity(record: dict) -> str:
     """The job a journal line answers (lines written before ``job`` was stored: task and text input)."""
     return record.get("job") or f"{record['task']}\0{record.get('text') or ''}"

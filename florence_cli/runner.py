@@ -25,7 +25,7 @@ from .interrupts import Interrupted, critical, interruptible
 from .jobs import Job, TaskRequest, WorkItem, plan_jobs, requests_identity
 from .journal import ShardProgress, work_key
 from .outdir import OutputFolder, describe_os_error, stops_the_run
-from .records import Answer, ImageFailure, ItemResult
+from .records import Answer, ImageFailure, ItemResult, counted
 from .tarshards import ShardEnd
 from .tasks import resolve_task
 from .writers import JsonlSink, StdoutClosed
@@ -68,7 +68,7 @@ class RunSummary:
 
     def line(self) -> str:
         """One line for the user: the counts, or why the run stopped and how far it got."""
-        done = f"{self.annotated + self.skipped} of {self.images} images found so far are done"
+        done = f"{self.annotated + self.skipped} of {counted(self.images, 'image')} found so far are done"
         if self.output_error:
             return f"error: {self.output_error}; {done}; once fixed, run the same command to finish"
         if self.stopped_by == signal.SIGPIPE:
@@ -77,14 +77,14 @@ class RunSummary:
             return f"interrupted: {done}; run the same command to finish"
         duplicates = f", {self.duplicates} found twice (annotated once)" if self.duplicates else ""
         kept = (
-            f", {self.captions_kept} caption files kept as they were (not written by florence-cli, or "
-            "edited since; --overwrite-captions replaces them)"
+            f", {counted(self.captions_kept, 'caption file')} kept as they were (not written by "
+            "florence-cli, or edited since; --overwrite-captions replaces them)"
             if self.captions_kept else ""
         )  # fmt: skip
         products = f", {self.products} products" if self.products else ""
         return (
-            f"{self.images} images: {self.annotated} annotated, {self.skipped} already done, "
-            f"{self.failed} failed{duplicates}, {self.answers} answers in {self.seconds:.1f} s "
+            f"{counted(self.images, 'image')}: {self.annotated} annotated, {self.skipped} already done, "
+            f"{self.failed} failed{duplicates}, {counted(self.answers, 'answer')} in {self.seconds:.1f} s "
             f"({self.images_per_second:.2f} images/s{products}){kept}"
         )
 

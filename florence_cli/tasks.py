@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import re
@@ -153,7 +154,9 @@ def resolve_task(name: str) -> Task:
         return prompt_task(name[len(PROMPT_PREFIX) :])
     key = name.strip().strip("<>").upper()
     if key not in TASKS:
-        raise TaskError(f"unknown task {name!r}; see `florence tasks` for the {len(TASKS)} tasks")
+        close = difflib.get_close_matches(key, TASKS, n=1, cutoff=0.75)
+        guess = f"; did you mean {close[0]}?" if close else ""
+        raise TaskError(f"unknown task {name!r}{guess} (`florence tasks` lists the {len(TASKS)} tasks)")
     return TASKS[key]
 
 

@@ -109,6 +109,7 @@ def test_a_run_at_a_terminal_writes_its_files(tiny_model, folder, tmp_path, quie
 TWO_TEXT_TASKS = ["-t", "CAPTION_TO_PHRASE_GROUNDING", "-t", "REGION_TO_DESCRIPTION"]
 USAGE_ERRORS = [
     (["-t", "DETECT"], "unknown task"),
+    (["-t", "CAPTON"], "did you mean CAPTION?"),
     (["-t", "CAPTION_TO_PHRASE_GROUNDING"], "needs a text input"),
     (["-t", "OD", "-b", "0"], "'-b' / '--batch-size': must be at least 1"),
     (["-t", "REGION_TO_CATEGORY", "--text", "1,2,3"], "four location bins"),
@@ -123,6 +124,7 @@ USAGE_ERRORS = [
     (["-t", "OD", "--text", "OD=a car"], "which takes no text"),
     (["-t", "OD", "NO_SUCH_INPUT"], "NO_SUCH_INPUT: no such file or folder"),
     (["-t", "OD", "-m", "./no_such_model"], "model folder ./no_such_model does not exist"),
+    (["-t", "OD", "-m", "no_such_model"], "model folder no_such_model does not exist"),  # not the Hub
 ]
 
 
@@ -146,7 +148,7 @@ print(json.dumps([results, "torch" in sys.modules, "transformers" in sys.modules
     for (args, message), (exit_code, output) in zip(USAGE_ERRORS, results, strict=True):
         assert exit_code == 2, (args, output)
         assert message in output, (args, output)
-        assert output.strip().splitlines()[-1].startswith("Error:"), (args, output)
+        assert len(output.strip().splitlines()) == 1 and output.startswith("Error:"), (args, output)
     assert not torch_imported and not transformers_imported
     assert not (tmp_path / "out").exists()
 
@@ -165,6 +167,18 @@ def test_limits_of_the_model_are_usage_errors_before_any_image_is_read(tiny_mode
                                        "-o", str(out), *args])  # fmt: skip
     assert result.exit_code == 2 and message in result.output, result.output
     assert not out.exists()  # refused before the output folder is made
+
+
+def test_a_device_this_machine_lacks_is_refused_before_the_output_folder(tiny_model, folder, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["annotate", str(folder), "-t", "OD", "-m", str(tiny_model),
+                                       "--device", "cuda", "-o", str(out)])  # fmt: skip
+    assert result.exit_code == 2 and "CUDA is not available" in result.output, result.output
+    assert not out.exists()
 
 
 def test_closed_stdin_is_a_usage_error(tiny_model, tmp_path):
@@ -334,7 +348,7 @@ def test_a_rerun_on_new_files_only_adds_to_the_outputs(tiny_model, tmp_path, mon
     shutil.move(tmp_path / "later.png", folder / "img04.png")
     # as the README's pipeline does: only the new files, by path, on stdin
     result = _annotate(tiny_model, "-", *tasks, "-o", str(out), input="img04.png\n")
-    assert result.exit_code == 0 and "1 images: 1 annotated" in result.stderr
+    assert result.exit_code == 0 and "1 image: 1 annotated" in result.stderr
     assert output_files(out) == output_files(everything)
 
 

@@ -7,6 +7,7 @@ Subcommands live in modules imported only when called; their one-line help is wr
 from __future__ import annotations
 
 import importlib
+import sys
 
 import click
 
@@ -25,7 +26,25 @@ SUBCOMMANDS = {
 
 
 class LazyGroup(click.Group):
-    """A group whose subcommands are imported on first use, and listed without importing them."""
+    """A group whose subcommands are imported on first use, and listed without importing them; a usage
+    error is one line, as every other error is (Click's own takes four)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as error:
+            where = f" (see {error.ctx.command_path} --help)" if error.ctx else ""
+            click.echo(f"Error: {error.format_message()}{where}", err=True)
+            sys.exit(error.exit_code)
+        except click.ClickException as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def list_commands(self, ctx):
         return sorted([*super().list_commands(ctx), *SUBCOMMANDS])

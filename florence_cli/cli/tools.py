@@ -10,6 +10,7 @@ import click
 
 from ..evaluate import EvalError, evaluate, format_table, load_ground_truth
 from ..formats import EXPORTERS, CocoDataset, FormatError, export_files, load_coco, write_files
+from ..records import counted
 from ..viz import font_description, load_font, render_viz
 
 MISSING_SHOWN = 12  # characters a missing-glyph warning names
@@ -168,4 +169,4 @@ def export(coco_json: Path, to: str, output: Path, image_root: str | None) -> No
     except FormatError as error:
         raise click.ClickException(str(error)) from None
     write_files(files, output)
-    click.echo(f"Wrote {len(files)} files to {output}")
+    click.echo(f"Wrote {counted(len(files), 'file')} to {output}")
