@@ -7,10 +7,12 @@ shard's image is read in the worker, from its offset in the tar (``tarshards.rea
 
 from __future__ import annotations
 
+import ast
 import io
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -18,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -135,6 +138,22 @@ def decode_stream(
             yield from pool.emit_oldest()
     finally:
         pool.close()
+
+
+def unguarded_main_script() -> str | None:
+    """The script this process runs, if decode processes would run its top level again: they start with
+    "spawn", which imports the main script in each of them, so a script that annotates outside an
+    ``if __name__ == "__main__":`` block would start its run once per decode process."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if getattr(main, "__spec__", None) is not None or not path or not os.path.isfile(path):
+        return None  # python -m module, an interactive session or a notebook: nothing is re-run
+    try:
+        tree = ast.parse(Path(path).read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    tests = [ast.unparse(node.test) for node in tree.body if isinstance(node, ast.If)]
+    return None if any("__name__" in test and "__main__" in test for test in tests) else path
 
 
 def _worker_setup() -> None:

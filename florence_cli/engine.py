@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Protocol
 from .answer import AnswererBuilder, BatchAnswerer
 from .checkpoint import checkpoint_layout, locate_model, model_identity
 from .config import RunConfig
-from .decode import DecodeFailure, decode_stream
+from .decode import DecodeFailure, decode_stream, unguarded_main_script
 from .records import ImageFailure, ItemResult
+from .tasks import OptionError
 
 if TYPE_CHECKING:
     from .jobs import TaskRequest, WorkItem
@@ -64,6 +65,7 @@ class LocalEngine:
 
     def check(self, requests: list[TaskRequest], max_new_tokens: int | None) -> str | None:
         if self.answerer is not None:
+            self._check_workers(self.answerer.model.device.type)
             self.answerer.model.preprocessing.check(requests, max_new_tokens)
             return None
         model = self.config.model
@@ -71,9 +73,19 @@ class LocalEngine:
         checkpoint_layout(folder)  # refused before torch is imported
         from .model import Preprocessing, resolve_device
 
-        resolve_device(model.device)  # a device this machine lacks, before the output folder is touched
+        # a device this machine lacks, before the output folder is touched
+        self._check_workers(resolve_device(model.device).type)
         Preprocessing.load(model.name, model.allow_pickle).check(requests, max_new_tokens)
         return model_identity(folder)
+
+    def _check_workers(self, device_type: str) -> None:
+        """Refuse decode processes that would run the calling script again (``unguarded_main_script``)."""
+        script = unguarded_main_script() if self.config.decode_workers(device_type) else None
+        if script:
+            raise OptionError(
+                f"`workers` start decode processes, which run {script} again from its top: put the run under "
+                'if __name__ == "__main__": (or set `workers` to 0)'
+            )
 
     def start(self) -> str:
         if self.answerer is None:

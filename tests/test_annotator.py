@@ -110,3 +110,35 @@ def test_only_located_answers_pay_for_a_scoring_pass(annotator, florence_model, 
     answers = annotator.annotate(images, ["CAPTION", "OD"])
     assert len(scored_lengths) == len(images)
     assert all(i.score is not None for a in answers for i in a["OD"].instances)
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_decode_processes_from_a_script_without_a_main_guard_are_refused_in_one_line(
+    tiny_model, tmp_path, guarded
+):
+    """Decode processes start with "spawn", which runs the calling script again in each: a script that
+    annotates at its top level would start its run once per process (and fight for the output folder)."""
+    import subprocess
+    import sys
+
+    body = (
+        "from florence_cli.config import ModelConfig, RunConfig\n"
+        "from florence_cli.engine import LocalEngine\n"
+        "from florence_cli.tasks import OptionError\n"
+        f"config = RunConfig(ModelConfig({str(tiny_model)!r}, device='cpu'), workers=2)\n"
+        "try:\n"
+        "    LocalEngine(config).check([], None)\n"
+        "    print('checked')\n"
+        "except OptionError as error:\n"
+        "    print(error)\n"
+    )
+    if guarded:
+        body = "if __name__ == '__main__':\n" + "".join(f"    {line}\n" for line in body.splitlines())
+    script = tmp_path / "pasted.py"
+    script.write_text(body)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
+    if guarded:
+        assert run.stdout.strip() == "checked"
+    else:
+        assert run.stdout.count("\n") == 1 and 'if __name__ == "__main__":' in run.stdout
+        assert str(script) in run.stdout
