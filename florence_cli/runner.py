@@ -2,8 +2,9 @@
 batch that comes back is written and journaled at once. Imports no torch: engines bring the model.
 
 How a run ends is data (``RunSummary``): its exit status tells images that failed (1) from a run that
-stopped — a full disk (3), Ctrl-C (130), SIGTERM (143), a closed standard output (141) — and in
-every case the files in the output folder agree with its journal, so the same command finishes.
+stopped — a full disk (3), a failed device (4), Ctrl-C (130), SIGTERM (143), a closed standard
+output (141) — and in every case the files in the output folder agree with its journal, so the same
+command finishes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from .captions import CaptionClash, CaptionFiles, caption_task, metadata_folder
 from .config import RunConfig
+from .device_errors import DeviceFailure
 from .discover import Duplicate, ImageRef, Input, InputError, discover, printable
 from .engine import Engine, ItemResult
 from .formats.parquet import require_pyarrow
@@ -33,6 +35,7 @@ EXIT_OK = 0
 EXIT_IMAGES_FAILED = 1
 EXIT_USAGE = 2  # refused before any image was read
 EXIT_OUTPUT_FAILED = 3  # the output folder could not be written mid-run (a full disk)
+EXIT_DEVICE_FAILED = 4  # the device failed mid-run (a kernel that cannot compile or launch, a CUDA error)
 
 
 @dataclass
@@ -50,6 +53,7 @@ class RunSummary:
     failures: list[ImageFailure] = field(default_factory=list)  # the first few, for display
     stopped_by: int | None = None  # the signal that stopped the run (SIGPIPE: standard output closed)
     output_error: str | None = None  # why the output folder could not be written
+    device_error: str | None = None  # the device's error that stopped the run (device_errors)
     captions_kept: int = 0  # caption files not florence-cli's (or edited since), left as they were
     kept_captions: list[str] = field(default_factory=list)  # the first few, for display
     products: str | None = None  # how the model's products met the batch (config.PRODUCTS)
@@ -62,6 +66,8 @@ class RunSummary:
     def exit_code(self) -> int:
         if self.output_error:
             return EXIT_OUTPUT_FAILED
+        if self.device_error:
+            return EXIT_DEVICE_FAILED
         if self.stopped_by:
             return 128 + self.stopped_by
         return EXIT_IMAGES_FAILED if self.failed else EXIT_OK
@@ -71,6 +77,8 @@ class RunSummary:
         done = f"{self.annotated + self.skipped} of {self.images} images found so far are done"
         if self.output_error:
             return f"error: {self.output_error}; {done}; once fixed, run the same command to finish"
+        if self.device_error:
+            return f"error: the device failed: {self.device_error}; {done}; run the same command to resume"
         if self.stopped_by == signal.SIGPIPE:
             return f"standard output was closed: {done}; run the same command to finish"
         if self.stopped_by:
@@ -186,7 +194,7 @@ class _Run:
 
     def execute(self, inputs: Iterable[Input], stdin_lines: Iterable[str], engine: Engine) -> RunSummary:
         """Feed ``engine`` the work not done yet and write what comes back; stops cleanly on SIGINT,
-        SIGTERM, a closed standard output or a full disk."""
+        SIGTERM, a closed standard output, a full disk or a failed device."""
         started = time.perf_counter()
         with interruptible():
             results = engine.results(self.work(inputs, stdin_lines))
@@ -200,6 +208,8 @@ class _Run:
                 self.summary.stopped_by = signal.SIGPIPE
             except _OutputStopped as exc:
                 self.summary.output_error = str(exc)
+            except DeviceFailure as exc:
+                self.summary.device_error = str(exc)
             finally:
                 try:
                     with critical():  # a second Ctrl-C waits for the files to agree with the journal

@@ -230,8 +230,9 @@ def annotate(inputs: tuple[str, ...], **flags) -> None:
 
     Exit status: 0 all done; 1 some images failed; 2 refused before any image was read (usage,
     missing input or model, a checkpoint that is not Florence-2 or is broken, an output folder that
-    cannot be used); 3 the output folder could not be written mid-run; 130 Ctrl-C; 141 standard output
-    closed; 143 SIGTERM.
+    cannot be used); 3 the output folder could not be written mid-run; 4 the device failed mid-run (a
+    kernel that cannot compile or launch, a CUDA error); 130 Ctrl-C; 141 standard output closed; 143
+    SIGTERM. After 3, 4 and the signals, the same command resumes.
     """
     from ..interrupts import Interrupted, interruptible
 
@@ -243,7 +244,8 @@ def annotate(inputs: tuple[str, ...], **flags) -> None:
         sys.exit(128 + exc.signum)
     if summary.stopped_by == signal.SIGPIPE:
         _silence_stdout()
-    if summary.output_error or (summary.stopped_by and summary.stopped_by != signal.SIGPIPE):
+    stopped = summary.output_error or summary.device_error
+    if stopped or (summary.stopped_by and summary.stopped_by != signal.SIGPIPE):
         echo_err(summary.line())  # how far it got is worth saying even with -q
     elif not flags["quiet"]:
         echo_err(summary.line())
