@@ -41,11 +41,15 @@ def device_failure(exc: BaseException) -> str | None:
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if not is_out_of_memory(error) and _is_device_error(error):
-            # A Triton compile error's first line is where it happened; its own message says what.
-            detail = getattr(error, "error_message", None) or first_line(error)
-            return f"{type(error).__name__}: {detail}"
+            return describe(error)
         error = error.__cause__ or error.__context__
     return None
+
+
+def describe(error: BaseException) -> str:
+    """``error`` as one line: its type and what it says."""
+    # A Triton compile error's first line is where it happened; its own message says what.
+    return f"{type(error).__name__}: {getattr(error, 'error_message', None) or first_line(error)}"
 
 
 def _is_device_error(error: BaseException) -> bool:

@@ -301,6 +301,9 @@ def _annotate(inputs: tuple[str, ...], flags: dict):
         from ..annotate import Annotator
 
         annotator = Annotator.from_config(config)
+        if annotator.model.fallback:  # batch-dependent answers: the folder must take them
+            echo_err(f"note: {annotator.model.fallback}")
+            output.check_settings(annotator.settings(config.shard))
         annotator.model.check_limits(requests, config.generation.max_new_tokens)
         workers = config.decode_workers(annotator.model.device.type)
         return annotator.run(
@@ -308,7 +311,7 @@ def _annotate(inputs: tuple[str, ...], flags: dict):
             jsonl=config.jsonl, parquet=config.parquet, progress=config.progress, shard=config.shard,
             captions=config.captions,
         )  # fmt: skip
-    except ModelLoadError as exc:
+    except (ModelLoadError, OutputError) as exc:
         output.close()
         raise Refusal(str(exc)) from None
     except TaskError as exc:
