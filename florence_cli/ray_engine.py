@@ -40,6 +40,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from .answer import AnswererBuilder
 from .config import RunConfig
 from .decode import DecodedImage, ResizeSpec, decode_or_reason
+from .device_errors import DeviceFailure
 from .discover import Input
 from .engine import ItemResult, batches
 from .jobs import ImageFailure, TaskRequest, WorkItem
@@ -48,6 +49,8 @@ from .runner import RunSummary, run_into
 from .tarshards import Member
 
 LOST = "lost: worker crashed"
+# A replica's device failed: its images carry this, then the error, and the driver stops the run on it.
+DEVICE_FAILED = "device failed: "
 
 
 class RayEngineError(Exception):
@@ -231,6 +234,8 @@ class ModelStage:
     def _answer(self, images: list[DecodedImage]) -> list:
         try:
             return self.answerer.answer_safely(images)
+        except DeviceFailure as exc:  # no image is guilty: the driver stops the run (``_item_results``)
+            return [ImageFailure(image.ref.name, f"{DEVICE_FAILED}{exc}") for image in images]
         except SystemExit as exc:
             if len(images) == 1:
                 return [ImageFailure(images[0].ref.name, f"generation tried to end the worker ({exc!r})")]
@@ -483,11 +488,15 @@ def _local_threads() -> int:
 
 
 def _item_results(batch: dict[str, np.ndarray], work: list[WorkItem]) -> Iterator[tuple[int, ItemResult]]:
+    """The work items' results in a batch of the model stage's rows; a replica's failed device raises
+    ``DeviceFailure``, as in a local run."""
     for idx, width, height, answers, error in zip(
         batch["idx"], batch["width"], batch["height"], batch["answers"], batch["error"], strict=True
     ):
         item = work[int(idx)]
         size = {"width": int(width), "height": int(height)}
+        if str(error).startswith(DEVICE_FAILED):
+            raise DeviceFailure(str(error).removeprefix(DEVICE_FAILED))
         if error:
             yield int(idx), ItemResult(item, **size, failure=ImageFailure(item.name, str(error)))
         else:

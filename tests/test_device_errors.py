@@ -145,3 +145,30 @@ def test_a_device_error_behind_another_is_found():
             raise ValueError("while answering") from inner
     except ValueError as outer:
         assert device_failure(outer) == "RuntimeError: CUDA error: an illegal memory access was encountered"
+
+
+def test_a_ray_replicas_device_error_stops_the_driver(tmp_path):
+    """A replica answers its images with the device's error; the driver raises it as a local run does."""
+    ray_engine = pytest.importorskip("florence_cli.ray_engine")
+    import numpy as np
+
+    from florence_cli.answer import DeviceFailure
+    from florence_cli.decode import DecodedImage
+    from florence_cli.jobs import WorkItem
+
+    class Failing:
+        def answer_safely(self, images):
+            raise DeviceFailure("AcceleratorError: CUDA error: an illegal memory access was encountered")
+
+    stage = ray_engine.ModelStage.__new__(ray_engine.ModelStage)  # its model is not needed here
+    stage.answerer = Failing()
+    work = [WorkItem(str(tmp_path / f"{name}.png"), f"{name}.png", (name,), ()) for name in "ab"]
+    images = [DecodedImage(item, 8, 8, np.zeros((8, 8, 3), np.uint8)) for item in work]
+    failures = stage._answer(images)
+    errors = np.array([failure.reason for failure in failures], dtype=object)
+    batch = {
+        "idx": np.array([0, 1]), "width": np.array([8, 8]), "height": np.array([8, 8]),
+        "answers": np.array([b"", b""], dtype=object), "error": errors,
+    }  # fmt: skip
+    with pytest.raises(DeviceFailure, match=r"^AcceleratorError: CUDA error: an illegal memory access"):
+        list(ray_engine._item_results(batch, work))
