@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import os
 from dataclasses import dataclass
 
 import torch
@@ -160,10 +159,11 @@ def invariant_module():
 def products_model(model: FlorenceModel, products: str) -> FlorenceModel:
     """The same loaded model computing its products ``per-image``, ``invariant`` or ``batched``."""
     if products == "invariant":
-        # The kernels are counted, never run (stand-ins compute them): on a CPU the model takes them
-        # only under Triton's interpreter, which must be named before the module is imported.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-        invariant_module()
+        interpreted = invariant_module().INTERPRETED
+        # The kernels are counted, never run (stand-ins compute them), but on a CPU the model takes them
+        # only under Triton's interpreter, which must be named before anything imports Triton.
+        if model.device.type != "cuda" and not interpreted:
+            raise Unavailable("on a CPU, only with TRITON_INTERPRET=1 set before Python starts")
     return FlorenceModel(
         model.model, model.processor, model.device, model.dtype, products=products,
         compact_beams=model.compact_beams,

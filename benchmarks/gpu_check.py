@@ -223,7 +223,7 @@ def preflight_variant(
     decoder = loaded.static_decoder
     if decoder is not None:
         figures["graphs_captured"] = len(decoder.graphs)
-        captured = f"{len(decoder.graphs)} CUDA graphs captured"
+        captured = f"{len(decoder.graphs)} CUDA graphs captured{'' if decoder.graphs else ' -> NO'}"
         graphs = f"; {captured if decoder.capture else 'graph steps run uncaptured'}"
     required = name.partition("+")[0] in BATCH_INDEPENDENT
     verdict = "yes" if same == len(together) else "NO" if required else "no (batched: allowed)"

@@ -29,7 +29,7 @@ pinned tokens (``-n 0`` prints them alone, without the timed runs).
     python benchmarks/throughput.py --device cpu --size base -n 8 --batch-sizes 8
     python benchmarks/throughput.py --device cpu --size base -n 8 --lengths free --levers compaction
     python benchmarks/throughput.py --device cuda --size large --dtype fp16 -n 256 --batch-sizes 16,32,64
-    python benchmarks/throughput.py --device cpu --size base -n 0 --counters 8,64
+    TRITON_INTERPRET=1 python benchmarks/throughput.py --device cpu --size base -n 0 --counters 8,64
 """
 
 from __future__ import annotations
