@@ -4,6 +4,7 @@ resumes); an error one image can cause still fails that image alone, and out-of-
 from __future__ import annotations
 
 import ast
+import json
 
 import pytest
 import torch
@@ -105,6 +106,8 @@ def test_a_device_error_stops_the_run_in_one_line_and_the_same_command_resumes(
     assert "; 2 of " in lines[0] and "run the same command to resume" in lines[0]
     journal = out / ".florence" / "journal.jsonl"
     assert line_count(journal) == 2  # the batch before the error, whole
+    coco = json.loads((out / "od.json").read_text())
+    assert [image["file_name"] for image in coco["images"]] == ["img00.png", "img01.png"]  # as journaled
     monkeypatch.undo()
     again = _annotate(tiny_model, images, out)
     assert again.exit_code == 0, again.stderr
