@@ -4,10 +4,9 @@ A ``BatchAnswerer`` holds a loaded model and what a batch needs to survive: a CU
 halves the batch (for the rest of the run too) and retries, an error of the device itself (a kernel that
 cannot compile or launch, a CUDA error) stops the run at once (``DeviceFailure``: no image is guilty of
 it), and any other error splits the batch until only the guilty image fails — no image is lost or
-skipped. Engines are handed an
-``AnswererBuilder`` and build the answerer where the model runs: in this process, or in each Ray
-replica (as clip-retrieval's workers receive a mapper builder). Importing this module imports no
-torch: the builder does, where the model runs.
+skipped. Engines are handed an ``AnswererBuilder`` and build the answerer where the model runs: in this
+process, or in each Ray replica (as clip-retrieval's workers receive a mapper builder). Importing this
+module imports no torch: the builder does, where the model runs.
 """
 
 from __future__ import annotations
