@@ -8,9 +8,9 @@
 #
 # It installs nothing from the network: the package runs from this checkout, and when the machine's
 # transformers is older than florence-cli needs (5.24), the wheels in .whl/ (ignored by git: carry
-# them) are installed first, into a folder of their own; docs/performance.md has the one pip download
-# that fills .whl/. No wheels, a wheel that does not install, or still no transformers >= 5.24: one
-# line, and the script stops before anything else.
+# them; $WHEELS names another folder) are installed first, into a folder of their own;
+# docs/performance.md has the one pip download that fills .whl/. No wheels, a wheel that does not
+# install, or still no transformers >= 5.24: one line, exit status 2, before anything else.
 #
 #   benchmarks/gpu_check.sh                 # on the GPU machine (carry .whl)
 #   benchmarks/gpu_check.sh --full          # the long run: 256 images, 24 through the loop, 150 tokens
@@ -21,6 +21,7 @@ out="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$out"
 log="$out/gpu_check.log"
 site="${TMPDIR:-/tmp}/florence-gpu-check-site"
+wheels_dir="${WHEELS:-.whl}"
 needed=5.24
 
 fail() {
@@ -44,15 +45,15 @@ EOF
 
 export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if ! found=$(transformers_fits); then
-    wheels=(.whl/*.whl)
-    [ -e "${wheels[0]}" ] || fail "transformers >= $needed is needed, this machine has $found, and .whl/ holds no wheels (fill it as docs/performance.md says, and carry it)"
+    wheels=("$wheels_dir"/*.whl)
+    [ -e "${wheels[0]}" ] || fail "transformers >= $needed is needed, this machine has $found, and $wheels_dir/ holds no wheels (fill it as docs/performance.md says, and carry it)"
     rm -rf "$site"
     if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
         "${wheels[@]}" >"$out/pip.log" 2>&1; then
-        fail "installing .whl/ failed: $(grep -m1 -i error "$out/pip.log" || tail -n1 "$out/pip.log") (all of pip's output: $out/pip.log)"
+        fail "installing $wheels_dir/ failed: $(grep -m1 -i error "$out/pip.log" || tail -n1 "$out/pip.log") (all of pip's output: $out/pip.log)"
     fi
-    found=$(transformers_fits) || fail "transformers >= $needed is still not importable after installing .whl/ (found $found)"
-    echo "# installed .whl/ into $site" | tee -a "$log"
+    found=$(transformers_fits) || fail "transformers >= $needed is still not importable after installing $wheels_dir/ (found $found)"
+    echo "# installed $wheels_dir/ into $site" | tee -a "$log"
 fi
 python3 -c 'import torch; from florence_cli.model import FlorenceModel' 2>"$out/import.log" ||
     fail "florence-cli does not import: $(tail -n1 "$out/import.log")"

@@ -154,7 +154,7 @@ def _device(ctx, param, value: str) -> str:
     help="How the model's matrix products and attention meet the batch: per-image (bit-identical to the "
     "one-image reference), invariant (batched; answers independent of the batch; CUDA), batched "
     "(fastest; a near tie may depend on the images beside it); auto: per-image on CPU, invariant on "
-    "CUDA (see README).",
+    "CUDA, or batched where its kernels fail their check before the first image (see README).",
 )
 @click.option("--batched-products", is_flag=True, help="Short for --products batched.")
 @click.option(
