@@ -107,12 +107,17 @@ def main() -> None:
         if name not in working:
             say(f"{name:<17}: not timed (failed its preflight)")
             continue
-        figures = time_variant(args, working[name], name, scratch, tasks, generation, reference)
-        results.put(name, figures, under="timed")
-        if args.equality_batches:
-            paths_now = sorted((scratch / "images").iterdir())
-            figures["equality"] = batch_equality(args, working[name], paths_now, tasks, generation)
+        # Popped: its static cache and graphs are freed before the next variant's peak is measured.
+        loaded = working.pop(name)
+        try:
+            figures = time_variant(args, loaded, name, scratch, tasks, generation, reference)
             results.put(name, figures, under="timed")
+            if args.equality_batches:
+                figures["equality"] = batch_equality(args, loaded, paths, tasks, generation)
+        except Exception as exc:  # one variant's failure is a finding; the others are still measured
+            figures = {"error": describe(exc)}
+            say(f"{name:<17}: FAILED: {figures['error']}")
+        results.put(name, figures, under="timed")
     results.put("seconds", time.perf_counter() - started)
     results.put("finished", True)
     say(f"# done in {time.perf_counter() - started:.0f} s")
@@ -142,11 +147,15 @@ def parse_args() -> argparse.Namespace:
                         help="after timing, batch sizes whose answers must agree (e.g. 1,7,64)")  # fmt: skip
     parser.add_argument("--workers", type=int, help="decode processes (default: as florence annotate's)")
     parser.add_argument("--out", default=os.environ.get("OUT") or "gpu-check-out", help="where figures go")
-    args = parser.parse_args()
-    for chosen, values in ((args.full, FULL), (args.smoke, SMOKE)):
+    # A preset changes the defaults; options given still win (``--full --timed invariant``).
+    preset, _ = parser.parse_known_args()
+    for chosen, values in ((preset.full, FULL), (preset.smoke, SMOKE)):
         if chosen:
-            for key, value in values.items():
-                setattr(args, key, value)
+            parser.set_defaults(**values)
+    args = parser.parse_args()
+    unknown = set(args.timed.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"--timed: no variant {', '.join(sorted(unknown))} (of {', '.join(VARIANTS)})")
     return args
 
 
