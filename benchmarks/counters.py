@@ -14,8 +14,8 @@ Weight bytes: for each operator call, the bytes of its arguments that are views 
 parameters or buffers (matched by storage), once per call; a lookup (embedding rows, an index) counts
 the bytes it returns, and a view (transpose, slice) reads nothing. Operators of the ``florence_cli``
 namespace (florence_cli.invariant's batch-invariant kernels, Triton on CUDA) count as one operator
-each, as one kernel launch, and are computed by their plain-torch stand-ins
-(``plain_equivalents`` below), so no Triton interpreter is needed: the counts, not
+each, as one kernel launch, and are computed by PyTorch's equivalents
+(``florence_cli.kernel_check.torch_equivalents``), so no Triton interpreter is needed: the counts, not
 the bits, matter here.
 """
 
@@ -24,14 +24,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import os
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from florence_cli.kernel_check import torch_equivalents
 from florence_cli.model import FlorenceModel
 
 MODES = ("reference", "per-image", "invariant", "batched")
@@ -157,27 +156,14 @@ def invariant_module():
     return importlib.import_module("florence_cli.invariant")
 
 
-def plain_equivalents() -> dict:
-    """The plain-torch stand-ins the counter computes ``florence_cli::`` operators with: the same
-    shapes and dtypes as the batch-invariant kernels (the counts, not the bits, matter)."""
-
-    def attention(query, key, value, mask, scale, causal):
-        mask = mask if mask is None or mask.dtype == torch.bool else mask.to(query.dtype)
-        out = functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, scale=scale, is_causal=causal and mask is None
-        )
-        return out.transpose(1, 2).contiguous()  # (batch, queries, heads, head dim), as the kernel
-
-    return {"florence_cli::bi_linear": functional.linear, "florence_cli::bi_attention": attention}
-
-
 def products_model(model: FlorenceModel, products: str) -> FlorenceModel:
     """The same loaded model computing its products ``per-image``, ``invariant`` or ``batched``."""
     if products == "invariant":
-        # The kernels are counted, never run (stand-ins compute them): on a CPU the model takes them
-        # only under Triton's interpreter, which must be named before the module is imported.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-        invariant_module()
+        interpreted = invariant_module().INTERPRETED
+        # The kernels are counted, never run (stand-ins compute them), but on a CPU the model takes them
+        # only under Triton's interpreter, which must be named before anything imports Triton.
+        if model.device.type != "cuda" and not interpreted:
+            raise Unavailable("on a CPU, only with TRITON_INTERPRET=1 set before Python starts")
     return FlorenceModel(
         model.model, model.processor, model.device, model.dtype, products=products,
         compact_beams=model.compact_beams,
@@ -190,7 +176,7 @@ def counting(model: FlorenceModel):
     step's products out to CPU threads, where a dispatch mode (per thread) would not see them, and on
     a GPU there are no such threads — one thread gives the CUDA path's operators."""
     threads = torch.get_num_threads()
-    counter = CostCounter(model.model, plain_equivalents())
+    counter = CostCounter(model.model, torch_equivalents())
     torch.set_num_threads(1)
     try:
         with counter:

@@ -29,7 +29,7 @@ pinned tokens (``-n 0`` prints them alone, without the timed runs).
     python benchmarks/throughput.py --device cpu --size base -n 8 --batch-sizes 8
     python benchmarks/throughput.py --device cpu --size base -n 8 --lengths free --levers compaction
     python benchmarks/throughput.py --device cuda --size large --dtype fp16 -n 256 --batch-sizes 16,32,64
-    python benchmarks/throughput.py --device cpu --size base -n 0 --counters 8,64
+    TRITON_INTERPRET=1 python benchmarks/throughput.py --device cpu --size base -n 0 --counters 8,64
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # benchmarks/counters.py, beside this script
 from counters import MODES, cost_table, format_table, pinned_generation
 
-from florence_cli.annotate import Annotator, GenerationSettings, RunConfig
+from florence_cli.annotate import Annotator, GenerationSettings, RunConfig, RunSummary
 from florence_cli.config import default_workers
 from florence_cli.model import FlorenceModel, resolve_dtype
 from florence_cli.tasks import resolve_task
@@ -146,12 +146,12 @@ def reference_loop(
 
 
 def florence_run(model: FlorenceModel, images: Path, out: Path, tasks: list[str], batch_size: int,
-                 generation: GenerationSettings, workers: int) -> dict[tuple[str, str], str]:  # fmt: skip
-    """``Annotator.run`` over the folder; answers keyed by (file, task token)."""
+                 generation: GenerationSettings, workers: int) -> tuple[dict, RunSummary]:  # fmt: skip
+    """``Annotator.run`` over the folder: answers keyed by (file, task token), and the run's summary."""
     annotator = Annotator(RunConfig(batch_size=batch_size, generation=generation), model=model)
-    annotator.run([str(images)], out, tasks, workers=workers, jsonl=str(out / "answers.jsonl"))
+    summary = annotator.run([str(images)], out, tasks, workers=workers, jsonl=str(out / "answers.jsonl"))
     records = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
-    return {(r["file"], resolve_task(r["task"]).token): r["raw"] for r in records}
+    return {(r["file"], resolve_task(r["task"]).token): r["raw"] for r in records}, summary
 
 
 @dataclass(frozen=True)
@@ -270,7 +270,7 @@ def timed_rows(args, tasks, loaded, paths, scratch, generation) -> list[dict]:
                 for i, (model_variant, run_tasks, workers) in enumerate(variant.runs):
                     out = scratch / f"out-{batch_size}-{variant.name.replace(' ', '-')}-{i}"
                     answers |= florence_run(model_variant, scratch / "images", out, run_tasks, batch_size,
-                                            variant.generation, workers)  # fmt: skip
+                                            variant.generation, workers)[0]  # fmt: skip
             ours = end_phase(device, started)
             same = sum(answers.get(key) == raw for key, raw in expected.items())
             row = {

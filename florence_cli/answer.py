@@ -1,11 +1,12 @@
 """Stage 4: a batch of decoded images in, every job of every image answered out.
 
 A ``BatchAnswerer`` holds a loaded model and what a batch needs to survive: a CUDA out-of-memory error
-halves the batch (for the rest of the run too) and retries, and any other error splits the batch
-until only the guilty image fails — no image is lost or skipped. Engines are handed an
-``AnswererBuilder`` and build the answerer where the model runs: in this process, or in each Ray
-replica (as clip-retrieval's workers receive a mapper builder). Importing this module imports no
-torch: the builder does, where the model runs.
+halves the batch (for the rest of the run too) and retries, an error of the device itself (a kernel that
+cannot compile or launch, a CUDA error) stops the run at once (``DeviceFailure``: no image is guilty of
+it), and any other error splits the batch until only the guilty image fails — no image is lost or
+skipped. Engines are handed an ``AnswererBuilder`` and build the answerer where the model runs: in this
+process, or in each Ray replica (as clip-retrieval's workers receive a mapper builder). Importing this
+module imports no torch: the builder does, where the model runs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from .config import RunConfig
 from .decode import DecodedImage, ResizeSpec
+from .device_errors import DeviceFailure, device_failure, is_out_of_memory
 from .parse import TokenText, parse_answer
 from .postconfig import BANNED_GROUNDING_PHRASES
 from .records import Answer, ImageFailure
@@ -75,13 +77,16 @@ class BatchAnswerer:
 
     def answer_safely(self, images: list[DecodedImage]) -> list[list[Answer] | ImageFailure]:
         """``answer``, but a batch that fails is split until only the guilty images fail; a CUDA
-        out-of-memory error halves the batch and retries, so no image is lost or skipped."""
+        out-of-memory error halves the batch and retries, so no image is lost or skipped. The device's
+        own errors raise ``DeviceFailure`` at once: every retry would fail alike."""
         try:
             return list(self.answer(images))
         except Exception as exc:  # an error on one image must not lose the batch
-            if _is_out_of_memory(exc):
+            if is_out_of_memory(exc):
                 _release_cuda_cache()
                 self.batch_size = max(1, min(self.batch_size, len(images) // 2))
+            elif (failure := device_failure(exc)) is not None:
+                raise DeviceFailure(failure) from exc
             if len(images) == 1:
                 return [ImageFailure(images[0].ref.name, f"generation failed: {type(exc).__name__}: {exc}")]
             half = len(images) // 2
@@ -104,12 +109,6 @@ class AnswererBuilder:
             products=model.products, cuda_graphs=model.cuda_graphs,
         )  # fmt: skip
         return BatchAnswerer(loaded, self.config)
-
-
-def _is_out_of_memory(exc: Exception) -> bool:
-    import torch
-
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
 
 
 def _release_cuda_cache() -> None:

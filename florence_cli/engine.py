@@ -9,6 +9,7 @@ The driver calls an engine in this order: ``check`` (refusals that need the chec
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING, Protocol
 
@@ -23,6 +24,15 @@ if TYPE_CHECKING:
     from .jobs import TaskRequest, WorkItem
 
 
+@dataclass(frozen=True)
+class Started:
+    """How a started engine answers: its products mode (``config.PRODUCTS``, ``auto`` resolved) and, where
+    that is not the mode asked for, why (``auto``'s fallback from kernels that failed their check)."""
+
+    products: str
+    fallback: str | None = None
+
+
 class EngineError(Exception):
     """An engine that cannot run as asked (a cluster it cannot join, say); the message is one line."""
 
@@ -34,9 +44,9 @@ class Engine(Protocol):
         (``checkpoint.model_identity``), None for a model handed in loaded."""
         ...
 
-    def start(self) -> str:
-        """Load the model (or join the cluster) and say how its products meet the batch
-        (``config.PRODUCTS``, ``auto`` resolved); a model that cannot load is a ``ModelLoadError``."""
+    def start(self) -> Started:
+        """Load the model (or join the cluster) and say how its products meet the batch; a model that
+        cannot load is a ``ModelLoadError``."""
         ...
 
     def results(self, items: Iterable[WorkItem]) -> Iterator[list[ItemResult]]:
@@ -87,10 +97,10 @@ class LocalEngine:
                 'if __name__ == "__main__": (or set `workers` to 0)'
             )
 
-    def start(self) -> str:
+    def start(self) -> Started:
         if self.answerer is None:
             self.answerer = AnswererBuilder(self.config)()
-        return self.answerer.model.products
+        return Started(self.answerer.model.products, self.answerer.model.fallback)
 
     def close(self) -> None:
         """The model stays loaded: an ``Annotator`` runs again with it."""

@@ -14,8 +14,13 @@ launch, but only over fixed shapes at fixed addresses. So here:
 - rows are padded to buckets of 8, 16, 32 or 64 images (then multiples of 64), each image with its
   beams: one graph per (bucket, attended length, encoder length, padded prompts or not). When images
   leave the batch (beam.py), the kept rows are gathered to the front and the next step runs in the
-  smallest bucket that holds them. Each step first moves every row's cache to its beam's parent (the
-  same gather that compacts), so beam reordering is part of the replay.
+  smallest bucket that holds them;
+- the self-attention cache is never moved: a position's keys and values are written once, at that
+  step, in the row that computed them, and an ancestry table (rows × positions, small) says in which row
+  each row's history lies at each position. A beam that takes its parent's place, or a row gathered to
+  the front, only copies its line of the table; the step reads each row's history through it (one
+  gather of the attended positions into the attention's input), so beam reordering is part of the
+  replay and no step copies the cache into itself.
 
 Padding rows carry dummy tokens and states and their logits are never read: every operation of a
 step works row by row (products, norms, attention over a row's own cache), so no value of a live
@@ -86,7 +91,9 @@ class _Buffers:
     cross: torch.Tensor  # flat: layers × keys/values × rows × heads × encoder positions × head dims
     encoder_mask: torch.Tensor  # flat: rows × encoder positions, additive (0 or the dtype's minimum)
     tokens: torch.Tensor  # the token each row reads at this step
-    sources: torch.Tensor  # the row each row's cache comes from (its beam's parent, after compaction)
+    # rows, positions: the row of ``states`` that holds each row's keys and values at each position (a
+    # position is written once, at its step, in the row that computed it; reordering copies these lines)
+    ancestry: torch.Tensor
     position: torch.Tensor  # the new token's position (one element)
     logits: torch.Tensor  # rows, vocabulary
 
@@ -171,19 +178,19 @@ class StaticDecoder:
             minimum = torch.finfo(buffers.logits.dtype).min
             additive = (1 - encoder_mask.to(buffers.logits.dtype)) * minimum
             buffers.mask_view(rows, self.encoder_length).copy_(additive[:, None, None, :])
-        buffers.sources[:rows] = torch.arange(rows, device=buffers.sources.device)
+        buffers.ancestry.copy_(_own_rows(buffers.ancestry))
 
     @torch.inference_mode()
     def reorder(self, origins: torch.Tensor) -> None:
         """Each row's cache becomes its beam's parent's (``origins``: a row index per row)."""
-        self.buffers.sources[: self.rows] = origins
+        _take_rows(self.buffers.ancestry, origins)
         if self.cross_follows_beams:
-            self._gather_rows(origins, with_sources=False)
+            self._gather_rows(origins, with_ancestry=False)
 
     @torch.inference_mode()
     def select(self, kept: torch.Tensor) -> None:
         """Keep only the rows ``kept`` (indices, in order), gathered to the front."""
-        self._gather_rows(kept, with_sources=True)
+        self._gather_rows(kept, with_ancestry=True)
         self.rows = len(kept)
 
     @torch.inference_mode()
@@ -208,10 +215,15 @@ class StaticDecoder:
 
     # -- the step --------------------------------------------------------------------------------
     def _step(self, rows: int, length: int, encoder_length: int, masked: bool) -> None:
-        """What a graph replays: reorder the cache rows, then the decoder and output layer for one
-        token per row, as transformers' BART decoder computes them."""
+        """What a graph replays: the decoder and output layer for one token per row, as transformers' BART
+        decoder computes them, each row's earlier keys and values read through the ancestry table."""
         buffers, decoder = self.buffers, self.decoder
-        position, sources = buffers.position, buffers.sources[:rows]
+        position = buffers.position
+        ancestry = buffers.ancestry[:rows]
+        ancestry.index_copy_(1, position, _own_rows(ancestry[:, :1]))  # this step's: in each row itself
+        _, _, _, heads, _, head_dim = buffers.states.shape
+        # (keys/values, rows, heads, attended positions, head dims) from each row's ancestry
+        history = ancestry[:, :length].view(1, rows, 1, length, 1).expand(2, rows, heads, length, head_dim)
         hidden = decoder.embed_tokens(buffers.tokens[:rows, None])
         hidden = decoder.layernorm_embedding(hidden + decoder.embed_positions(None, position_ids=position))
         minimum = torch.finfo(buffers.logits.dtype).min
@@ -220,12 +232,13 @@ class StaticDecoder:
         cross = buffers.cross_view(rows, encoder_length)
         cross_mask = buffers.mask_view(rows, encoder_length) if masked else None
         for i, layer in enumerate(decoder.layers):
-            _gather(buffers.states[i, :, :, :, :length], sources)  # a layer at a time: less memory
-            own = buffers.states[i, :, :rows]  # every position: the new one is written in place
             attention = layer.self_attn
-            for kept, projection in zip(own, (attention.k_proj, attention.v_proj), strict=True):
+            projections = (attention.k_proj, attention.v_proj)
+            for kept, projection in zip(buffers.states[i, :, :rows], projections, strict=True):
                 kept.index_copy_(2, position, _heads(projection(hidden), attention))
-            attended = _attend(attention, hidden, own[0, :, :, :length], own[1, :, :, :length], self_mask)
+            # a layer at a time: one layer's attended history in memory at once
+            own = torch.gather(buffers.states[i, :, :, :, :length], 1, history)
+            attended = _attend(attention, hidden, own[0], own[1], self_mask)
             hidden = layer.self_attn_layer_norm(hidden + attended)
             attended = _attend(layer.encoder_attn, hidden, cross[i, 0], cross[i, 1], cross_mask)
             hidden = layer.encoder_attn_layer_norm(hidden + attended)
@@ -233,15 +246,15 @@ class StaticDecoder:
             hidden = layer.final_layer_norm(hidden + feed_forward)
         buffers.logits[:rows] = self.model.lm_head(hidden)[:, 0]
 
-    def _gather_rows(self, rows: torch.Tensor, with_sources: bool) -> None:
-        """Row ``i`` of the cross-attention states (and mask, and pending cache sources) becomes row
-        ``rows[i]``'s. The self-attention cache follows at the next step, in the step itself."""
+    def _gather_rows(self, rows: torch.Tensor, with_ancestry: bool) -> None:
+        """Row ``i`` of the cross-attention states (and mask, and ancestry) becomes row ``rows[i]``'s. The
+        self-attention cache stays where it is: the ancestry says where each row's is."""
         buffers, count = self.buffers, len(rows)
         cross = buffers.cross_view(self.rows, self.encoder_length)
         for layer in cross:
             _gather(layer, rows)
-        if with_sources:
-            buffers.sources[:count] = buffers.sources[: self.rows][rows]
+        if with_ancestry:
+            _take_rows(buffers.ancestry, rows)
             if self.masked:
                 mask = buffers.mask_view(self.rows, self.encoder_length)
                 mask[:count] = mask[rows]
@@ -273,7 +286,7 @@ class StaticDecoder:
             cross=torch.zeros(cross, dtype=weight.dtype, **on),
             encoder_mask=torch.zeros(capacity * encoder_capacity, dtype=weight.dtype, **on),
             tokens=torch.full((capacity,), self.decoder.padding_idx or 0, dtype=torch.long, **on),
-            sources=torch.arange(capacity, **on),
+            ancestry=_own_rows(torch.empty((capacity, cache_length), dtype=torch.long, **on)).contiguous(),
             position=torch.zeros(1, dtype=torch.long, **on),
             logits=torch.zeros((capacity, self.model.lm_head.out_features), dtype=weight.dtype, **on),
         )  # fmt: skip
@@ -281,24 +294,20 @@ class StaticDecoder:
 
     def _graph(self, shape: tuple) -> torch.cuda.CUDAGraph:
         """The captured step for ``shape`` (rows, attended length, encoder length, masked), recorded
-        the first time it is needed. Recording runs the step for real (warm-ups), so meanwhile every
-        row's cache comes from itself and only the new position is written, which the replay
-        overwrites."""
+        the first time it is needed. Recording runs the step for real (warm-ups): it writes only the new
+        position, as the replay does again."""
         graph = self.graphs.get(shape)
         if graph is not None:
             return graph
-        sources = self.buffers.sources[: shape[0]]
-        pending = sources.clone()
-        sources.copy_(torch.arange(shape[0], device=sources.device))
+        device = self.buffers.position.device
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()  # one memory pool: steps replay one at a time
         try:
-            graph = record(functools.partial(self._step, *shape), self.pool, sources.device)
+            graph = record(functools.partial(self._step, *shape), self.pool, device)
         except BaseException:
             self.graphs.clear()  # a failed capture (out of memory) leaves nothing half made
             self.buffers = self.pool = None
             raise
-        sources.copy_(pending)
         self.graphs[shape] = graph
         return graph
 
@@ -319,6 +328,17 @@ def record(step: Callable[[], None], pool, device: torch.device) -> torch.cuda.C
         with torch.cuda.graph(graph, pool=pool):
             step()
     return graph
+
+
+def _own_rows(ancestry: torch.Tensor) -> torch.Tensor:
+    """An ancestry (rows, positions) in which every row's history is its own."""
+    rows = torch.arange(ancestry.shape[0], device=ancestry.device)
+    return rows[:, None].expand_as(ancestry)
+
+
+def _take_rows(ancestry: torch.Tensor, rows: torch.Tensor) -> None:
+    """Row ``i``'s history becomes row ``rows[i]``'s."""
+    ancestry[: len(rows)] = ancestry.index_select(0, rows)
 
 
 def _gather(states: torch.Tensor, rows: torch.Tensor) -> None:

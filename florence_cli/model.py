@@ -41,6 +41,7 @@ from .decode import ResizeSpec
 from .exact import reference_shapes
 from .graphs import StaticDecoder
 from .jobs import TaskRequest
+from .kernel_check import KernelsUnusable, check_invariant_kernels
 from .tasks import OptionError, TaskError, task_prompt
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -160,7 +161,8 @@ class FlorenceModel:
         tower in the shapes the one-image reference gives them, so answers are bit-identical (see
         exact.py); invariant batches the language model in kernels whose rounding ignores the batch
         (invariant.py; CUDA); batched runs all batched — fastest, but a near tie may then go another
-        way than in the reference. Auto: per-image on CPU, invariant on CUDA.
+        way than in the reference. Auto: per-image on CPU, invariant on CUDA — where the invariant
+        kernels pass their check (kernel_check.py); otherwise batched, and ``fallback`` says why.
         ``cuda_graphs``: with ``compact_beams``, decoding steps run over a static cache in buckets of
         rows, replayed from CUDA graphs on a GPU and run as they are on CPU (see graphs.py); the step
         runs in the products' mode, whichever it is."""
@@ -170,7 +172,16 @@ class FlorenceModel:
             self.products = resolve_products(products, device.type)
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from None
-        self._invariant = _invariant_kernels(device) if self.products == "invariant" else None
+        self.fallback: str | None = None  # why auto products are batched here, not invariant
+        self._invariant = None
+        if self.products == "invariant":
+            try:
+                self._invariant = _invariant_kernels(self.model, device)
+            except KernelsUnusable as exc:
+                if products != "auto":
+                    raise ModelLoadError(f"--products invariant cannot run here: {exc}") from None
+                self.products = "batched"
+                self.fallback = f"--products auto: {exc}; running stock batched products instead"
         self.static_decoder = StaticDecoder(self.model) if cuda_graphs else None
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -357,9 +368,10 @@ class FlorenceModel:
         return model.model.language_model.encoder(attention_mask=attention_mask, inputs_embeds=embeds)
 
 
-def _invariant_kernels(device: torch.device):
-    """The batch-invariant kernels' module, where they can run: CUDA, or a CPU under Triton's
-    interpreter (tests); otherwise a ``ModelLoadError`` saying what to do instead."""
+def _invariant_kernels(model, device: torch.device):
+    """The batch-invariant kernels' module, checked on ``model``, where they can run: CUDA, or a CPU
+    under Triton's interpreter (tests). Elsewhere a ``ModelLoadError`` says what to do instead; on CUDA,
+    ``KernelsUnusable`` says why they cannot serve (no Triton, or the check failed)."""
     elsewhere = (
         f"--products invariant runs on CUDA, not {device.type} (on CPU, per-image products are "
         "independent of the batch too, and bit-identical to the reference)"
@@ -367,10 +379,13 @@ def _invariant_kernels(device: torch.device):
     try:
         from . import invariant
     except ImportError as exc:
-        on_cuda = f"--products invariant needs Triton (pip install triton): {exc}"
-        raise ModelLoadError(on_cuda if device.type == "cuda" else elsewhere) from None
+        if device.type != "cuda":
+            raise ModelLoadError(elsewhere) from None
+        needs = f"the batch-invariant kernels need Triton (pip install triton): {exc}"
+        raise KernelsUnusable(needs) from None
     if device.type != "cuda" and not invariant.INTERPRETED:
         raise ModelLoadError(elsewhere)
+    check_invariant_kernels(model, invariant)
     return invariant
 
 

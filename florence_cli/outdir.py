@@ -93,6 +93,14 @@ class OutputFolder:
         _check_settings(self.state / "settings.json", settings, bool(self.journal.done), identify)
         self.errors = open(self.path / "errors.jsonl", "w", encoding="utf-8")  # noqa: SIM115
 
+    def check_settings(self, settings: dict) -> None:
+        """Check the folder against the run's settings again, once they are known better than when it was
+        opened (say, auto products that turned out batched): as when it was opened."""
+        try:
+            _check_settings(self.state / "settings.json", settings, bool(self.journal.done), None)
+        except OSError as exc:
+            raise OutputError(f"cannot write to {self.path}: {describe_os_error(exc)}") from None
+
     def text_path(self, task: Task, name: str) -> Path:
         return text_path(self.path, task, name)
 

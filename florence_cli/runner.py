@@ -3,8 +3,9 @@ image, discovery and the journal plan the work, an engine answers it, and every 
 written and journaled at once. Imports no torch: engines bring the model.
 
 How a run ends is data (``RunSummary``): its exit status tells images that failed (1) from a run that
-stopped — a full disk (3), Ctrl-C (130), SIGTERM (143), a closed standard output (141) — and in
-every case the files in the output folder agree with its journal, so the same command finishes.
+stopped — a full disk (3), a failed device (4), Ctrl-C (130), SIGTERM (143), a closed standard
+output (141) — and in every case the files in the output folder agree with its journal, so the same
+command finishes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from .captions import CaptionClash, CaptionFiles, caption_task, metadata_folder
 from .checkpoint import ModelLoadError, locate_model, model_identity
 from .config import RunConfig
+from .device_errors import DeviceFailure
 from .discover import Duplicate, ImageRef, Input, InputError, discover, printable
 from .engine import Engine
 from .formats.parquet import require_pyarrow
@@ -33,6 +35,7 @@ from .writers import JsonlSink, StdoutClosed
 EXIT_OK = 0
 EXIT_IMAGES_FAILED = 1
 EXIT_OUTPUT_FAILED = 3  # the output folder could not be written mid-run (a full disk)
+EXIT_DEVICE_FAILED = 4  # the device failed mid-run (a kernel that cannot compile or launch, a CUDA error)
 
 
 @dataclass
@@ -50,6 +53,7 @@ class RunSummary:
     failures: list[ImageFailure] = field(default_factory=list)  # the first few, for display
     stopped_by: int | None = None  # the signal that stopped the run (SIGPIPE: standard output closed)
     output_error: str | None = None  # why the output folder could not be written
+    device_error: str | None = None  # the device's error that stopped the run (device_errors)
     captions_kept: int = 0  # caption files not florence-cli's (or edited since), left as they were
     kept_captions: list[str] = field(default_factory=list)  # the first few, for display
     products: str | None = None  # how the model's products met the batch (config.PRODUCTS)
@@ -62,6 +66,8 @@ class RunSummary:
     def exit_code(self) -> int:
         if self.output_error:
             return EXIT_OUTPUT_FAILED
+        if self.device_error:
+            return EXIT_DEVICE_FAILED
         if self.stopped_by:
             return 128 + self.stopped_by
         return EXIT_IMAGES_FAILED if self.failed else EXIT_OK
@@ -71,6 +77,8 @@ class RunSummary:
         done = f"{self.annotated + self.skipped} of {counted(self.images, 'image')} found so far are done"
         if self.output_error:
             return f"error: {self.output_error}; {done}; once fixed, run the same command to finish"
+        if self.device_error:
+            return f"error: the device failed: {self.device_error}; {done}; run the same command to resume"
         if self.stopped_by == signal.SIGPIPE:
             return f"standard output was closed: {done}; run the same command to finish"
         if self.stopped_by:
@@ -101,6 +109,7 @@ class Preflight:
 
     folder: OutputFolder
     shards: ShardProgress
+    model_id: dict  # {"model_id": the checkpoint's id}, where known: part of the folder's settings
     captions: CaptionFiles | None = None
     found: list | None = None
 
@@ -133,9 +142,9 @@ def preflight(
         require_pyarrow()
     root = metadata_folder(inputs) if task and config.captions.hf_metadata else None
     model_id = engine.check(requests, config.generation.max_new_tokens)
-    settings = {**config.settings(), **({"model_id": model_id} if model_id else {})}
-    folder = OutputFolder(config.output, settings, config.overwrite, identify_model)
-    checked = Preflight(folder, ShardProgress(folder.journal, requests_identity(requests)))
+    known = {"model_id": model_id} if model_id else {}
+    folder = OutputFolder(config.output, {**config.settings(), **known}, config.overwrite, identify_model)
+    checked = Preflight(folder, ShardProgress(folder.journal, requests_identity(requests)), known)
     if task is None:
         return checked
     checked.captions = CaptionFiles(config.captions, task, folder.state, root)
@@ -167,20 +176,28 @@ def run(
     engine: Engine,
     stdin_lines: Iterable[str] = (),
     on_error: Callable[[ImageFailure], None] | None = None,
+    on_notice: Callable[[str], None] | None = None,
 ) -> RunSummary:
     """Annotate every image under ``inputs`` with ``requests`` into ``config.output``, resuming earlier
     work there, with ``engine`` answering: the one driver of the CLI, the Python API, local and Ray runs.
-    Refuses (``preflight``) before any image is read; ``on_error`` hears of each image that fails."""
+    Refuses (``preflight``) before any image is read; ``on_error`` hears of each image that fails,
+    ``on_notice`` of a products mode other than the one asked for (auto's fallback)."""
     inputs = list(inputs)
     checked = preflight(inputs, requests, config, engine)
     try:
-        products = engine.start()
+        started = engine.start()
+        if started.fallback:  # batch-dependent answers now: the folder must take them
+            if on_notice:
+                on_notice(started.fallback)
+            config = replace(config, model=replace(config.model, products=started.products))
+            checked.folder.check_settings({**config.settings(), **checked.model_id})
     except BaseException:
         checked.close()
         engine.close()
         raise
     try:
-        return _Run(requests, checked, config, on_error, products).execute(inputs, stdin_lines, engine)
+        run = _Run(requests, checked, config, on_error, started.products)
+        return run.execute(inputs, stdin_lines, engine)
     finally:
         engine.close()
 
@@ -212,7 +229,7 @@ class _Run:
 
     def execute(self, inputs: Iterable[Input], stdin_lines: Iterable[str], engine: Engine) -> RunSummary:
         """Feed ``engine`` the work not done yet and write what comes back; stops cleanly on SIGINT,
-        SIGTERM, a closed standard output or a full disk."""
+        SIGTERM, a closed standard output, a full disk or a failed device."""
         started = time.perf_counter()
         with interruptible():
             results = engine.results(self.work(inputs, stdin_lines))
@@ -226,6 +243,8 @@ class _Run:
                 self.summary.stopped_by = signal.SIGPIPE
             except _OutputStopped as exc:
                 self.summary.output_error = str(exc)
+            except DeviceFailure as exc:
+                self.summary.device_error = str(exc)
             finally:
                 try:
                     with critical():  # a second Ctrl-C waits for the files to agree with the journal

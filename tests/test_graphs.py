@@ -132,9 +132,11 @@ def test_padding_rows_never_change_a_live_rows_bits(batched, features, monkeypat
         if padding:
             vocabulary = buffers.logits.shape[1]
             buffers.tokens[live:rows] = torch.randint(vocabulary, (padding,), generator=generator)
-            buffers.sources[live:rows] = torch.randint(buffers.capacity, (padding,), generator=generator)
-            unused = torch.ones(buffers.capacity, dtype=torch.bool)  # rows no live row's cache comes from
-            unused[buffers.sources[:live]] = False
+            lines = (padding, buffers.cache_length)
+            buffers.ancestry[live:rows] = torch.randint(buffers.capacity, lines, generator=generator)
+            written = int(buffers.position)  # positions before this step's
+            unused = torch.ones(buffers.capacity, dtype=torch.bool)  # rows no live row's history is in
+            unused[buffers.ancestry[:live, :written].flatten()] = False
             buffers.states[:, :, unused] = torch.randn(
                 buffers.states[:, :, unused].shape, generator=generator
             )

@@ -16,7 +16,7 @@ import pytest
 from florence_cli import runner
 from florence_cli.captions import CaptionClash
 from florence_cli.config import CaptionOptions, RunConfig
-from florence_cli.engine import batches
+from florence_cli.engine import Started, batches
 from florence_cli.jobs import parse_requests
 from florence_cli.journal import Journal
 from florence_cli.parse import parse_answer
@@ -52,9 +52,9 @@ class FakeEngine:
             raise OptionError(f"`generation.max_new_tokens` {max_new_tokens} is more than {POSITIONS}")
         return self.model_id
 
-    def start(self) -> str:
+    def start(self) -> Started:
         self.calls.append("start")
-        return "per-image"
+        return Started("per-image")
 
     def close(self) -> None:
         self.calls.append("close")

@@ -154,7 +154,7 @@ def _device(ctx, param, value: str) -> str:
     help="How the model's matrix products and attention meet the batch: per-image (bit-identical to the "
     "one-image reference), invariant (batched; answers independent of the batch; CUDA), batched "
     "(fastest; a near tie may depend on the images beside it); auto: per-image on CPU, invariant on "
-    "CUDA (see README).",
+    "CUDA, or batched where its kernels fail their check before the first image (see README).",
 )
 @click.option("--batched-products", is_flag=True, help="Short for --products batched.")
 @click.option(
@@ -230,8 +230,9 @@ def annotate(inputs: tuple[str, ...], **flags) -> None:
 
     Exit status: 0 all done; 1 some images failed; 2 refused before any image was read (usage,
     missing input or model, a checkpoint that is not Florence-2 or is broken, an output folder that
-    cannot be used); 3 the output folder could not be written mid-run; 130 Ctrl-C; 141 standard output
-    closed; 143 SIGTERM.
+    cannot be used); 3 the output folder could not be written mid-run; 4 the device failed mid-run (a
+    kernel that cannot compile or launch, a CUDA error); 130 Ctrl-C; 141 standard output closed; 143
+    SIGTERM. After 3, 4 and the signals, the same command resumes.
     """
     from ..interrupts import Interrupted, interruptible
 
@@ -243,7 +244,8 @@ def annotate(inputs: tuple[str, ...], **flags) -> None:
         sys.exit(128 + exc.signum)
     if summary.stopped_by == signal.SIGPIPE:
         _silence_stdout()
-    if summary.output_error or (summary.stopped_by and summary.stopped_by != signal.SIGPIPE):
+    stopped = summary.output_error or summary.device_error
+    if stopped or (summary.stopped_by and summary.stopped_by != signal.SIGPIPE):
         echo_err(summary.line())  # how far it got is worth saying even with -q
     elif not flags["quiet"]:
         echo_err(summary.line())
@@ -276,7 +278,7 @@ def _annotate(inputs: tuple[str, ...], flags: dict):
         stdin_lines = _stdin_lines(inputs)
         inputs = _with_path_list(inputs, flags)
         quiet_libraries(flags["quiet"])
-        return run(inputs, requests, config, engine, stdin_lines, on_error=_report)
+        return run(inputs, requests, config, engine, stdin_lines, _report, _note)
     except OptionError as exc:
         raise click.UsageError(exc.worded(FLAGS)) from None
     except TaskError as exc:
@@ -301,6 +303,11 @@ def _report(failure) -> None:
     """An image that failed: one line on stderr as it happens."""
     where = f"{printable(failure.name)} [{failure.task}]" if failure.task else printable(failure.name)
     echo_err(f"error: {where}: {printable(worded(failure.reason, FLAGS))}")
+
+
+def _note(note: str) -> None:
+    """Something the user should know before the run goes on (auto products' fallback)."""
+    echo_err(f"note: {note}")
 
 
 def _engine(flags: dict, config):

@@ -24,12 +24,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from ..answer import AnswererBuilder
 from ..config import RunConfig
 from ..decode import ResizeSpec
+from ..device_errors import DeviceFailure
+from ..engine import Started
 from ..jobs import TaskRequest, WorkItem
 from ..records import ImageFailure, ItemResult
 from . import cluster
 from .cluster import RayEngineError
 from .placement import Placement, RayOptions, plan_placement, reserve
-from .stages import BatchRow, BatchSource, ModelStage, batch_rows, read_groups, unpack_answered
+from .stages import DEVICE_FAILED, BatchRow, BatchSource, ModelStage, batch_rows, read_groups, unpack_answered
 
 LOST = "lost: worker crashed"
 
@@ -92,13 +94,13 @@ class RayEngine:
         self.threads = compute_threads()  # CPU replicas use as many, for the same bytes
         return model_identity(locate_model(model.name, model.allow_pickle))
 
-    def start(self) -> str:
+    def start(self) -> Started:
         """Join the cluster (or start Ray here) and size the job; idempotent. The products mode is the one
         ``auto`` comes to on the replicas' device."""
         if self.placement is None:
             self._started_ray = cluster.join(self.options.address) or self._started_ray
             self.placement = plan_placement(cluster.alive_nodes(), self.config.model.device, self.options)
-        return self.config.model.products_on(self.placement.device_type)
+        return Started(self.config.model.products_on(self.placement.device_type))
 
     def close(self) -> None:
         """Leave Ray (stopping it when this engine started it)."""
@@ -128,6 +130,8 @@ class RayEngine:
                 ):
                     released = []
                     for image in unpack_answered(batch):
+                        if image.error.startswith(DEVICE_FAILED):  # as in a local run: the run stops
+                            raise DeviceFailure(image.error.removeprefix(DEVICE_FAILED))
                         if image.idx in outstanding:  # a retried batch may come twice; keep the first
                             outstanding.discard(image.idx)
                             item = work[image.idx]

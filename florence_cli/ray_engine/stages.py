@@ -21,11 +21,15 @@ import ray.data
 
 from ..answer import AnswererBuilder
 from ..decode import DecodedImage, ResizeSpec, decode_or_reason
+from ..device_errors import DeviceFailure
 from ..engine import batches
 from ..jobs import Job, WorkItem
 from ..records import Answer, ImageFailure
 from ..tarshards import Member
 from .cluster import RayEngineError
+
+# A replica's device failed: its images carry this, then the error, and the driver stops the run on it.
+DEVICE_FAILED = "device failed: "
 
 
 @dataclass(frozen=True)
@@ -218,6 +222,8 @@ class ModelStage:
     def _answer(self, images: list[DecodedImage]) -> list:
         try:
             return self.answerer.answer_safely(images)
+        except DeviceFailure as exc:  # no image is guilty: the driver stops the run (``RayEngine.results``)
+            return [ImageFailure(image.ref.name, f"{DEVICE_FAILED}{exc}") for image in images]
         except SystemExit as exc:
             if len(images) == 1:
                 return [ImageFailure(images[0].ref.name, f"generation tried to end the worker ({exc!r})")]
