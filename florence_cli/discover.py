@@ -108,6 +108,26 @@ def discover(
                 yield from _expand(path, prefixes.get(item, ""), seen)
 
 
+def name_roots(inputs: Iterable[Input]) -> list[str]:
+    """Where a run's output names start, as ``discover`` names them: a lone folder's names start in it;
+    several inputs' start with each folder's name (so those folders together root them); files named
+    directly, paths on standard input and tar shards are named from the working directory; a list by its
+    rows. Two runs whose roots differ may name two different files alike: an output folder annotates one
+    set of roots (one dataset)."""
+    expanded = [path for item in inputs for path in expand_pattern(item)]
+    roots = set()
+    for item in expanded:
+        if isinstance(item, PathList):
+            roots.add(f"list {os.path.abspath(item.file)}")
+        elif item != "-" and os.path.isdir(item):
+            roots.add(
+                f"folder {os.path.realpath(item)}" + ("" if len(expanded) == 1 else " (named by its name)")
+            )
+        else:
+            roots.add(f"files from {os.getcwd()}")
+    return sorted(roots)
+
+
 def expand_pattern(item: Input) -> list[Input]:
     """An input that does not exist as written but is a pattern: the paths its braces name (existing or
     not, as a shell's), each glob matched (sorted); a glob that matches nothing stays as written."""

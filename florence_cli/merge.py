@@ -78,7 +78,7 @@ def merge(folders: list[Path], output: Path) -> MergeSummary:
 
 def _common_settings(folders: list[Path]) -> dict:
     """The settings every folder was made with (less the shard); a full set of shards when sharded."""
-    shards, common = [], None
+    shards, common, inputs = [], None, []
     for folder in folders:
         try:
             settings = read_settings(folder)
@@ -86,6 +86,7 @@ def _common_settings(folders: list[Path]) -> dict:
             raise MergeError(str(exc)) from None
         if "shard" in settings:
             shards.append(Shard.parse(settings.pop("shard")))
+        inputs.append(settings.pop("inputs", None))
         differences = settings_differences(common, settings) if common is not None else []
         if differences:
             raise MergeError(
@@ -98,6 +99,8 @@ def _common_settings(folders: list[Path]) -> dict:
         if len(shards) != len(folders) or len(counts) != 1 or indices != list(range(counts.pop())):
             have = ", ".join(str(s) for s in shards) or "none"
             raise MergeError(f"the folders must be every shard of one split, exactly once; they hold {have}")
+    if inputs[0] is not None and inputs.count(inputs[0]) == len(inputs):  # shards run elsewhere see
+        common = {**(common or {}), "inputs": inputs[0]}  # other paths: their merge records none
     return common or {}
 
 

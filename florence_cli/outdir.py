@@ -199,6 +199,12 @@ def _check_settings(
             earlier = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
             raise OutputError(f"{path} is damaged; use --overwrite or another output folder") from None
+        if "inputs" in earlier and earlier["inputs"] != settings.get("inputs", earlier["inputs"]):
+            raise SettingsMismatch(
+                f"{path.parent.parent} annotates another dataset ({'; '.join(earlier['inputs'])}), and "
+                f"these inputs ({'; '.join(settings['inputs'])}) could give other files the same names: "
+                "write to another output folder (--overwrite starts this one over, its answers lost)"
+            )
         differences = settings_differences(earlier, settings, identify)
         if differences:
             raise SettingsMismatch(
@@ -224,7 +230,7 @@ def settings_differences(
     same_model = earlier_id == now.get("model_id") if earlier_id and now.get("model_id") else None
     if same_model is False or (same_model is None and earlier.get("model") != now.get("model")):
         differences.append(f"model: {earlier.get('model')} → {now.get('model')}")
-    for key in sorted((set(earlier) | set(now)) - {"model", "model_id"}):
+    for key in sorted((set(earlier) | set(now)) - {"model", "model_id", "inputs"}):
         old, new = earlier.get(key), now.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
             differences += [

@@ -20,7 +20,7 @@ from .captions import CaptionClash, CaptionFiles, caption_task, metadata_folder
 from .checkpoint import ModelLoadError, locate_model, model_identity
 from .config import RunConfig
 from .device_errors import DeviceFailure
-from .discover import Duplicate, ImageRef, Input, InputError, discover, printable
+from .discover import Duplicate, ImageRef, Input, InputError, discover, name_roots, printable
 from .engine import Engine
 from .formats.parquet import require_pyarrow
 from .interrupts import Interrupted, critical, interruptible
@@ -109,7 +109,7 @@ class Preflight:
 
     folder: OutputFolder
     shards: ShardProgress
-    model_id: dict  # {"model_id": the checkpoint's id}, where known: part of the folder's settings
+    known: dict  # what the folder's settings add to the config's: the checkpoint's id, the inputs' roots
     captions: CaptionFiles | None = None
     found: list | None = None
 
@@ -132,7 +132,9 @@ def preflight(
     4. the checkpoint, without its weights: found, usable, on a device there is, and holding every text
        and ``generation.max_new_tokens`` (``engine.check``: ``ModelLoadError``, ``TaskError``);
     5. the output folder: a folder, writable, not in use, holding answers made with the same settings —
-       the same model by what it is, however named (``OutputError``);
+       the same model by what it is, however named, and the same dataset: inputs whose names start
+       where the folder's do (``discover.name_roots``), so that no name ever stands for two files
+       (``OutputError``);
     6. caption files that two images would share (``CaptionClash``; the inputs are discovered here, once;
        paths on standard input are checked as they come).
     """
@@ -143,6 +145,7 @@ def preflight(
     root = metadata_folder(inputs) if task and config.captions.hf_metadata else None
     model_id = engine.check(requests, config.generation.max_new_tokens)
     known = {"model_id": model_id} if model_id else {}
+    known["inputs"] = name_roots(inputs)  # one dataset per output folder
     folder = OutputFolder(config.output, {**config.settings(), **known}, config.overwrite, identify_model)
     checked = Preflight(folder, ShardProgress(folder.journal, requests_identity(requests)), known)
     if task is None:
@@ -190,7 +193,7 @@ def run(
             if on_notice:
                 on_notice(started.fallback)
             config = replace(config, model=replace(config.model, products=started.products))
-            checked.folder.check_settings({**config.settings(), **checked.model_id})
+            checked.folder.check_settings({**config.settings(), **checked.known})
     except BaseException:
         checked.close()
         engine.close()

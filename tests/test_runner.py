@@ -223,6 +223,11 @@ def test_the_engine_is_closed_when_the_run_fails(images, tmp_path):
     assert engine.calls[-1] == "close"
 
 
+def _forget_setting(out: Path, key: str) -> None:
+    settings = out / ".florence" / "settings.json"
+    settings.write_text(json.dumps({k: v for k, v in json.loads(settings.read_text()).items() if k != key}))
+
+
 def test_a_model_is_recognised_however_it_is_named(images, tmp_path, monkeypatch):
     from florence_cli.checkpoint import model_identity
     from florence_cli.config import ModelConfig
@@ -238,10 +243,7 @@ def test_a_model_is_recognised_however_it_is_named(images, tmp_path, monkeypatch
         assert _run([images], out, engine, tasks=("OD",), model=ModelConfig(name)).exit_code == 0
         sent.append(len(engine.sent))
     assert sent == [5, 0, 0]  # the same model, three ways: resumed
-    settings = out / ".florence" / "settings.json"  # as a folder made before models had ids records it
-    settings.write_text(
-        json.dumps({k: v for k, v in json.loads(settings.read_text()).items() if k != "model_id"})
-    )
+    _forget_setting(out, "model_id")  # as a folder made before models had ids records it
     summary = _run([images], out, FakeEngine(model_id=model_id), tasks=("OD",), model=ModelConfig(str(model)))
     assert summary.skipped == 5
 
@@ -265,3 +267,22 @@ def test_other_settings_are_refused_naming_each_difference_and_what_keeps_the_wo
         < message.index("another output folder")
         < message.index("--overwrite")
     )
+
+
+def test_an_output_folder_annotates_one_dataset(images, tmp_path, monkeypatch):
+    from florence_cli.outdir import SettingsMismatch
+
+    other = tmp_path / "other"
+    write_images(other, 2, start_seed=40)  # img00.png, img01.png: the names of images in imgs too
+    out = tmp_path / "out"
+    _run([images], out, FakeEngine(), tasks=("OD",))
+    engine = FakeEngine()
+    with pytest.raises(SettingsMismatch, match="annotates another dataset") as refused:
+        _run([other], out, engine, tasks=("OD",))
+    assert str(other) in str(refused.value) and "another output folder" in str(refused.value)
+    assert "start" not in engine.calls  # refused before the model loads
+    monkeypatch.chdir(tmp_path)
+    again = FakeEngine()  # the same folder, named otherwise, and other tasks: the same dataset
+    assert _run(["imgs/"], out, again, tasks=("CAPTION",)).exit_code == 0 and len(again.sent) == 5
+    _forget_setting(out, "inputs")  # as a folder made before it recorded its inputs
+    assert _run([other], out, FakeEngine(), tasks=("OD",)).exit_code == 0
