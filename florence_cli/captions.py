@@ -3,9 +3,13 @@ sd-scripts and OneTrainer read them) or under another root, and Hugging Face's `
 
 These files live among the user's own, so nothing of theirs is ever replaced: a file florence-cli did
 not write, or wrote and the user edited since, is kept (``--overwrite-captions`` replaces it). What
-was written is known from a ledger in the output folder's state (``captions.jsonl``: each file's path
-and the SHA-256 of what was written there), kept across ``--overwrite``: the files it lists still are
-florence-cli's.
+was written is known from a ledger beside the captions (``.florence-captions.jsonl`` in each folder
+that holds some: each file's name and the SHA-256 of what was written there, added once the file is in
+place), so a run into another output folder knows them too; ledgers that older runs kept in their
+output folder's state (``captions.jsonl``, by absolute path) are read as well.
+
+A caption is one line (kohya-ss reads only a caption's first line): the line breaks of an answer become
+spaces. An empty answer writes no caption file (kohya-ss stops on an empty one); it is counted.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import hashlib
 import itertools
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO
 
 from .config import CaptionOptions
 from .discover import IMAGE_EXTENSIONS, ImageRef, short_digest
@@ -23,7 +29,8 @@ from .records import Answer
 from .tasks import OptionError, Output, Task
 from .writers import atomic_writer
 
-LEDGER = "captions.jsonl"
+LEDGER = "captions.jsonl"  # in an output folder's state: older runs' ledger
+FOLDER_LEDGER = ".florence-captions.jsonl"  # beside the caption files
 _CAPTION_FILES = "`captions.sidecar`, `captions.sidecar_dir` or `captions.hf_metadata`"
 METADATA = "metadata.jsonl"  # the name Hugging Face's imagefolder loader looks for
 
@@ -81,17 +88,24 @@ class CaptionFiles:
         self.claimed_ahead = False  # every image's sidecar claimed before the run (see ``claim``)
         self.kept: list[str] = []  # files kept as they were, the first few (for the user)
         self.kept_count = 0
-        self._ledger_path = state / LEDGER
+        self.empty: list[str] = []  # images whose answer was empty: no caption file (the first few)
+        self.empty_count = 0
         self._written = set()  # digests of (path, SHA-256) written by florence-cli
-        if self._ledger_path.exists():
-            for line in self._ledger_path.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    entry = json.loads(line)
-                    self._written.add(_entry_digest(entry["path"], entry["sha256"]))
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line cut by a crash: that file is treated as the user's
-        self._ledger = open(self._ledger_path, "a", encoding="utf-8")  # noqa: SIM115
+        self._read_ledger(state / LEDGER, None)
+        self._ledgers: dict[str, IO[str] | None] = {}  # by folder (resolved): read, then appended to
         self._claimed: set[bytes] = set()
+
+    def _read_ledger(self, path: Path, folder: str | None) -> None:
+        """Add a ledger's entries: by absolute path (an output folder's), or by name in ``folder``."""
+        if not path.is_file():
+            return
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+                where = entry["path"] if folder is None else os.path.join(folder, entry["name"])
+                self._written.add(_entry_digest(where, entry["sha256"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by a crash: that file is treated as the user's
 
     # -- where --------------------------------------------------------------------------------
     def sidecar_path(self, image: ImageRef) -> Path:
@@ -123,22 +137,32 @@ class CaptionFiles:
         self._claimed.add(key)
 
     def caption(self, text: str) -> str:
-        """The caption as written to files: the model's answer between ``--prefix`` and ``--suffix``."""
-        return f"{self.options.prefix}{text}{self.options.suffix}"
+        """The caption as written to files: the model's answer between the prefix and the suffix, on one
+        line (each line break, with the spaces around it, becomes one space)."""
+        return _LINE_BREAKS.sub(" ", f"{self.options.prefix}{text}{self.options.suffix}")
 
     # -- writing ------------------------------------------------------------------------------
     def write_sidecar(self, image: ImageRef, text: str) -> None:
-        """Write ``image``'s caption file, unless a file that is not florence-cli's is there (kept)."""
+        """Write ``image``'s caption file, unless a file that is not florence-cli's is there (kept) or the
+        answer is empty (counted). A file that cannot be written is an ``OSError`` naming it."""
+        if not text.strip():
+            self.empty_count += 1
+            if len(self.empty) < 20:
+                self.empty.append(image.name)
+            return
         data = self.caption(text).encode("utf-8")
         target = self.sidecar_path(image)
         existing = _sha256_of(target)
         new = hashlib.sha256(data).hexdigest()
-        if existing == new:
-            self._record(target, new)  # the same text: ours from now on, nothing to write
-        elif self._may_replace(target, existing):
-            self._record(target, new)  # before the file: a crash between leaves no file of ours unlisted
-            with atomic_writer(target, "wb") as file:
-                file.write(data)
+        try:
+            if existing == new:
+                self._record(target, new)  # the same text: ours from now on, nothing to write
+            elif self._may_replace(target, existing):
+                with atomic_writer(target, "wb") as file:
+                    file.write(data)
+                self._record(target, new)  # once in place: the ledger lists only files written
+        except OSError as exc:  # named by the caption file, not by a temporary file beside it
+            raise OSError(exc.errno, exc.strerror or str(exc), str(target)) from None
 
     def write_metadata(self, answers: Iterable[Answer]) -> None:
         """Write ``metadata.jsonl`` into the input folder from the journal's ``answers`` (in name order):
@@ -154,7 +178,7 @@ class CaptionFiles:
                 line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
                 digest.update(line)
                 file.write(line)
-            self._record(target, digest.hexdigest())  # before the rename puts the file in place
+        self._record(target, digest.hexdigest())
 
     def _metadata_rows(self, answers: Iterable[Answer]) -> Iterator[dict]:
         for name, group in itertools.groupby(answers, key=lambda answer: answer.file):
@@ -167,7 +191,7 @@ class CaptionFiles:
     def _may_replace(self, target: Path, existing: str | None) -> bool:
         if existing is None and not target.is_symlink():
             return True
-        mine = existing is not None and _entry_digest(_key(target), existing) in self._written
+        mine = existing is not None and self._mine(target, existing)
         if mine or self.options.overwrite:
             return True
         self.kept_count += 1
@@ -175,17 +199,30 @@ class CaptionFiles:
             self.kept.append(str(target))
         return False
 
+    def _mine(self, target: Path, sha256: str) -> bool:
+        folder = os.path.realpath(target.parent)
+        if folder not in self._ledgers:
+            self._read_ledger(Path(folder, FOLDER_LEDGER), folder)
+            self._ledgers[folder] = None  # read; opened for appending when a file is written here
+        return _entry_digest(_key(target), sha256) in self._written
+
     def _record(self, target: Path, sha256: str) -> None:
-        path = _key(target)
-        entry = _entry_digest(path, sha256)
-        if entry not in self._written:
-            # ASCII escapes: a path that is not UTF-8 (surrogates) still makes a line
-            self._ledger.write(json.dumps({"path": path, "sha256": sha256}) + "\n")
-            self._ledger.flush()
-            self._written.add(entry)
+        entry = _entry_digest(_key(target), sha256)
+        if entry in self._written:
+            return
+        folder = os.path.realpath(target.parent)
+        if self._ledgers.get(folder) is None:
+            self._mine(target, sha256)  # its earlier entries first
+            self._ledgers[folder] = open(Path(folder, FOLDER_LEDGER), "a", encoding="utf-8")  # noqa: SIM115
+        # ASCII escapes: a name that is not UTF-8 (surrogates) still makes a line
+        self._ledgers[folder].write(json.dumps({"name": target.name, "sha256": sha256}) + "\n")
+        self._ledgers[folder].flush()
+        self._written.add(entry)
 
     def close(self) -> None:
-        self._ledger.close()
+        for ledger in self._ledgers.values():
+            if ledger is not None:
+                ledger.close()
 
 
 def join_ledgers(states: list[Path], target: Path) -> None:
@@ -207,6 +244,9 @@ def metadata_folder(inputs: list) -> Path:
             "`captions.hf_metadata` needs exactly one input, a folder: metadata.jsonl goes in it"
         )
     return Path(folder)
+
+
+_LINE_BREAKS = re.compile(r"[ \t]*[\r\n]+[ \t]*")
 
 
 def _key(target: Path) -> str:

@@ -109,22 +109,22 @@ def discover(
 
 
 def name_roots(inputs: Iterable[Input]) -> list[str]:
-    """Where a run's output names start, as ``discover`` names them: a lone folder's names start in it;
-    several inputs' start with each folder's name (so those folders together root them); files named
-    directly, paths on standard input and tar shards are named from the working directory; a list by its
-    rows. Two runs whose roots differ may name two different files alike: an output folder annotates one
-    set of roots (one dataset)."""
+    """Where a run's output names start, as ``discover`` names them: a lone folder's names are paths from
+    it, as are files named directly, paths on standard input and tar shards from the working directory;
+    several inputs' names start with each folder's name (so those folders together root them); a list's
+    by its rows. Two runs whose roots differ may name two different files alike: an output folder
+    annotates one set of roots (one dataset)."""
     expanded = [path for item in inputs for path in expand_pattern(item)]
     roots = set()
     for item in expanded:
         if isinstance(item, PathList):
-            roots.add(f"list {os.path.abspath(item.file)}")
-        elif item != "-" and os.path.isdir(item):
-            roots.add(
-                f"folder {os.path.realpath(item)}" + ("" if len(expanded) == 1 else " (named by its name)")
-            )
+            roots.add(f"the list {os.path.abspath(item.file)}")
+        elif item == "-" or not os.path.isdir(item):
+            roots.add(f"paths from {os.path.realpath(os.getcwd())}")
+        elif len(expanded) == 1:
+            roots.add(f"paths from {os.path.realpath(item)}")
         else:
-            roots.add(f"files from {os.getcwd()}")
+            roots.add(f"the folder {os.path.realpath(item)}, named by its name")
     return sorted(roots)
 
 

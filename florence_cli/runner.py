@@ -10,6 +10,7 @@ command finishes.
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 import time
@@ -54,6 +55,7 @@ class RunSummary:
     stopped_by: int | None = None  # the signal that stopped the run (SIGPIPE: standard output closed)
     output_error: str | None = None  # why the output folder could not be written
     device_error: str | None = None  # the device's error that stopped the run (device_errors)
+    captions_empty: int = 0  # images whose answer was empty: no caption file written
     captions_kept: int = 0  # caption files not florence-cli's (or edited since), left as they were
     kept_captions: list[str] = field(default_factory=list)  # the first few, for display
     products: str | None = None  # how the model's products met the batch (config.PRODUCTS)
@@ -89,6 +91,8 @@ class RunSummary:
             "florence-cli, or edited since; --overwrite-captions replaces them)"
             if self.captions_kept else ""
         )  # fmt: skip
+        if self.captions_empty:
+            kept += f", {counted(self.captions_empty, 'empty answer')} with no caption file"
         products = f", {self.products} products" if self.products else ""
         return (
             f"{counted(self.images, 'image')}: {self.annotated} annotated, {self.skipped} already done, "
@@ -330,7 +334,24 @@ class _Run:
             try:
                 self.sidecars.write_sidecar(image, answer.text)
             except OSError as exc:
-                self._cannot_write_for(image.name, exc)
+                self._cannot_write_caption(image.name, exc)
+
+    def _write_caption(self, image: ImageRef, answers: list[Answer]) -> None:
+        """``image``'s caption file, from its answer of the caption task (if it had that job)."""
+        for answer in answers:
+            if answer.task == self.sidecars.task:
+                try:
+                    self.sidecars.write_sidecar(image, answer.text)
+                except OSError as exc:
+                    self._cannot_write_caption(image.name, exc)
+
+    def _cannot_write_caption(self, name: str, exc: OSError) -> None:
+        """A caption file that cannot be written: the image fails with one line naming the file, or, when
+        its folder cannot be written at all (read-only, full, not ours), the run stops once — its answers
+        are journaled, and the same command writes the caption files."""
+        if stops_the_run(exc) or exc.errno in (errno.EACCES, errno.EPERM):
+            raise _OutputStopped(_cannot_write(exc.filename, exc)) from exc
+        self.fail(ImageFailure(name, _cannot_write(exc.filename, exc), self.sidecars.task.name))
 
     def _cannot_write_for(self, name: str, exc: OSError) -> None:
         """A write error while writing an image's files: the image fails, or the run stops when the
@@ -359,8 +380,6 @@ class _Run:
                 for answer in result.answers:
                     if not answer.task.writes_coco:
                         self.folder.write_text(answer.task, result.item.name, answer.text)
-                    if self.sidecars and answer.task == self.sidecars.task:
-                        self.sidecars.write_sidecar(result.item, answer.text)
             except OSError as exc:
                 self._cannot_write_for(result.item.name, exc)
                 continue
@@ -377,6 +396,10 @@ class _Run:
             raise _OutputStopped(_cannot_write(self.folder.journal.path, exc)) from exc
         self.summary.annotated += answered
         self.summary.answers += len(journaled)
+        if self.sidecars:  # after the journal: a caption file that cannot be written loses no answer
+            for result in results:
+                if result.answers:
+                    self._write_caption(result.item, result.answers)
         if self.bar is not None:
             self.bar.update(len(results))
         if self.sink:
@@ -415,6 +438,7 @@ class _Run:
             if self.captions:
                 self.captions.close()
                 self.summary.captions_kept = self.captions.kept_count
+                self.summary.captions_empty = self.captions.empty_count
                 self.summary.kept_captions = self.captions.kept
             self.folder.close()
 

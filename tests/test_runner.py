@@ -38,8 +38,12 @@ class FakeEngine:
     in ``failing`` fail; ``on_batch(number)`` runs after each batch is handed over. Records what it was
     asked, in order."""
 
-    def __init__(self, failing: tuple[str, ...] = (), on_batch=None, batch_size: int = 2, model_id="fake"):
+    def __init__(
+        self, failing=(), on_batch=None, batch_size: int = 2, model_id="fake", captions: dict | None = None
+    ):
+        """``captions``: the CAPTION answers of some images, by name, instead of ``RAW``'s."""
         self.failing = failing
+        self.captions = captions or {}
         self.model_id = model_id
         self.on_batch = on_batch or (lambda number: None)
         self.batch_size = batch_size
@@ -68,7 +72,8 @@ class FakeEngine:
     def _answer(self, item) -> ItemResult:
         if item.name in self.failing:
             return ItemResult(item, failure=ImageFailure(item.name, "generation failed: RuntimeError: bad"))
-        answers = [parse_answer(job.task, RAW[job.task.name], 640, 480) for job in item.jobs]
+        raw = {**RAW, "CAPTION": self.captions.get(item.name, RAW["CAPTION"])}
+        answers = [parse_answer(job.task, raw[job.task.name], 640, 480) for job in item.jobs]
         return ItemResult(item, 640, 480, answers=answers)
 
 
@@ -146,8 +151,8 @@ def test_caption_files_of_earlier_answers_are_written_at_the_end_without_the_eng
     summary = _run([images], out, engine, tasks=("CAPTION",), captions=captions)
     assert engine.sent == [] and summary.skipped == 5
     assert (side / "img02.txt").read_text() == "ohwx, A green car parked in front of a yellow building."
-    ledger = read_jsonl(out / ".florence" / "captions.jsonl")
-    assert sorted(Path(r["path"]).name for r in ledger) == [f"img0{i}.txt" for i in range(5)]
+    ledger = read_jsonl(side / ".florence-captions.jsonl")  # beside the captions
+    assert sorted(r["name"] for r in ledger) == [f"img0{i}.txt" for i in range(5)]
 
 
 def test_inputs_are_discovered_once_with_caption_files(images, tmp_path, monkeypatch):
@@ -286,3 +291,70 @@ def test_an_output_folder_annotates_one_dataset(images, tmp_path, monkeypatch):
     assert _run(["imgs/"], out, again, tasks=("CAPTION",)).exit_code == 0 and len(again.sent) == 5
     _forget_setting(out, "inputs")  # as a folder made before it recorded its inputs
     assert _run([other], out, FakeEngine(), tasks=("OD",)).exit_code == 0
+
+
+def test_caption_files_are_one_line_and_an_empty_answer_writes_none(images, tmp_path):
+    side = tmp_path / "side"
+    answers = {"img01.png": "</s><s>a cat\n on a mat \r\nsleeping</s>", "img02.png": "</s><s></s>"}
+    engine = FakeEngine(captions=answers)
+    summary = _run(
+        [images], tmp_path / "out", engine, tasks=("CAPTION",), captions=CaptionOptions(sidecar_dir=side)
+    )
+    assert (side / "img01.txt").read_text() == "a cat on a mat sleeping"  # kohya reads a first line only
+    assert not (side / "img02.txt").exists() and summary.captions_empty == 1
+    assert "1 empty answer with no caption file" in summary.line() and summary.exit_code == 0
+
+
+def test_caption_files_stay_florence_clis_in_a_run_into_another_output_folder(images, tmp_path):
+    side = tmp_path / "side"
+    _run(
+        [images],
+        tmp_path / "one",
+        FakeEngine(),
+        tasks=("CAPTION",),
+        captions=CaptionOptions(sidecar_dir=side),
+    )
+    captions = CaptionOptions(sidecar_dir=side, prefix="ohwx, ")
+    summary = _run([images], tmp_path / "two", FakeEngine(), tasks=("CAPTION",), captions=captions)
+    assert summary.captions_kept == 0 and (side / "img03.txt").read_text().startswith("ohwx, A green car")
+
+
+def test_a_caption_folder_that_cannot_be_written_stops_the_run_once_and_loses_no_answer(
+    images, tmp_path, monkeypatch
+):
+    from florence_cli import captions
+
+    def read_only(path, mode="w"):  # as a read-only folder answers (root would write there anyway)
+        raise PermissionError(errno.EACCES, "Permission denied", str(path.parent / ".florence-x.tmp"))
+
+    side, out = tmp_path / "side", tmp_path / "out"
+    options = CaptionOptions(sidecar_dir=side)
+    monkeypatch.setattr(captions, "atomic_writer", read_only)
+    summary = _run([images], out, FakeEngine(), tasks=("CAPTION",), captions=options)
+    assert summary.exit_code == runner.EXIT_OUTPUT_FAILED and summary.failed == 0
+    assert f"cannot write {side / 'img00.txt'}: Permission denied" in summary.line()  # the caption file
+    assert len(read_jsonl(out / ".florence" / "journal.jsonl")) == 2  # the batch's answers are kept
+    monkeypatch.undo()
+    rerun = FakeEngine()
+    assert _run([images], out, rerun, tasks=("CAPTION",), captions=options).exit_code == 0
+    assert len(rerun.sent) == 3 and sorted(p.name for p in side.glob("*.txt")) == [
+        f"img0{i}.txt" for i in range(5)
+    ]
+
+
+def test_a_caption_file_that_cannot_be_written_fails_its_image_naming_the_file(images, tmp_path):
+    side = tmp_path / "side"
+    (side / "img02.txt").mkdir(parents=True)  # a folder where the caption file would go
+    failures = []
+    config = replace(RunConfig(output=tmp_path / "out"), captions=CaptionOptions(sidecar_dir=side))
+    summary = runner.run(
+        [str(images)], parse_requests(["CAPTION"]), config, FakeEngine(), on_error=failures.append
+    )
+    assert summary.exit_code == 1 and summary.annotated == 5  # answered and journaled all the same
+    [failure] = failures
+    assert (failure.name, failure.task) == ("img02.png", "CAPTION") and str(
+        side / "img02.txt"
+    ) in failure.reason
+    assert len(read_jsonl(tmp_path / "out" / ".florence" / "journal.jsonl")) == 5
+    ledger = {r["name"] for r in read_jsonl(side / ".florence-captions.jsonl")}
+    assert "img02.txt" not in ledger and len(ledger) == 4  # only files written
