@@ -110,4 +110,6 @@ class Annotator:
 
 IN_MEMORY = "in-memory model"  # the name an output folder records for a model handed in loaded
 # What a run may set besides the annotator's own model and answer settings.
-RUN_FIELDS = frozenset({"overwrite", "jsonl", "parquet", "progress", "shard", "workers", "captions"})
+RUN_FIELDS = frozenset(
+    {"overwrite", "jsonl", "jsonl_all", "parquet", "progress", "shard", "workers", "captions"}
+)

@@ -147,6 +147,9 @@ class RunConfig:
     workers: int | None = None  # decode processes; None: the device's default (``decode_workers``)
     overwrite: bool = False
     jsonl: str | None = None  # also stream answers here ("-": standard output)
+    # Also stream the answers earlier runs made for these inputs (at the end); None: for standard output
+    # yes (a pipeline should see every answer), for a file no (it holds them from those runs).
+    jsonl_all: bool | None = None
     parquet: bool = False  # also write OUT/<task>.parquet (rebuilt from the journal at the end)
     progress: bool = False
     shard: Shard | None = None
@@ -165,6 +168,11 @@ class RunConfig:
         if self.model.cuda_graphs:  # the static cache's attention sums over other lengths
             settings["cuda_graphs"] = True
         return {**settings, "shard": str(self.shard)} if self.shard else settings
+
+    @property
+    def streams_earlier(self) -> bool:
+        """Whether the JSONL stream carries earlier runs' answers too (``jsonl_all``, ``None`` resolved)."""
+        return self.jsonl_all if self.jsonl_all is not None else self.jsonl == "-"
 
     def check(self) -> None:
         """Refuse (``OptionError``) a batch size or a number of decode processes that cannot be."""

@@ -233,6 +233,7 @@ class _Run:
         self.sink = JsonlSink(config.jsonl) if config.jsonl else None
         self.bar = _progress_bar(config.progress)
         self.captioned_earlier: dict[str, ImageRef] = {}  # images whose caption comes from the journal
+        self.earlier_keys: set[bytes] = set()  # answers of earlier runs to stream at the end
 
     def execute(self, inputs: Iterable[Input], stdin_lines: Iterable[str], engine: Engine) -> RunSummary:
         """Feed ``engine`` the work not done yet and write what comes back; stops cleanly on SIGINT,
@@ -304,8 +305,11 @@ class _Run:
                 key = work_key(found, job.identity())
                 if key not in self.folder.journal.done:
                     jobs.append(replace(job, key=key, text=self._chained_text(found.name, job)))
-                elif self.sidecars and job.task == self.sidecars.task:
-                    self.captioned_earlier[found.name] = found  # its caption file is written at the end
+                else:
+                    if self.sidecars and job.task == self.sidecars.task:
+                        self.captioned_earlier[found.name] = found  # its caption file is written at the end
+                    if self.sink and self.config.streams_earlier:
+                        self.earlier_keys.add(key)  # its answer is streamed at the end
             self.shards.planned(found, len(planned), pending=bool(jobs), failed=bool(failures))
             if jobs:
                 yield WorkItem(found.path, found.name, found.order, tuple(jobs), member=found.member)
@@ -408,9 +412,19 @@ class _Run:
             except OSError as exc:  # (a closed stdout is StdoutClosed, no OSError: it ends the run quietly)
                 raise _OutputStopped(_cannot_write(self.sink.target, exc)) from exc
 
+    def _stream_earlier(self, answers: Iterable[Answer]) -> None:
+        """Stream the answers earlier runs made for this run's inputs (``RunConfig.jsonl_all``), so a
+        pipeline sees every answer, not only the new ones."""
+        try:
+            self.sink.write(answer.public() for answer in answers if answer.key in self.earlier_keys)
+        except StdoutClosed:
+            self.summary.stopped_by = signal.SIGPIPE
+        except OSError as exc:
+            raise _OutputStopped(_cannot_write(self.sink.target, exc)) from exc
+
     def close(self) -> None:
-        """Sort the errors log, rebuild the COCO files from everything the journal holds, and release the
-        folder."""
+        """Sort the errors log, rebuild the COCO files from everything the journal holds, stream earlier
+        answers where asked, and release the folder."""
         if self.bar is not None:
             self.bar.close()
         try:
@@ -418,8 +432,6 @@ class _Run:
         except OSError as exc:
             self.summary.output_error = _cannot_write(self.folder.journal.path, exc)
         self.folder.journal.close()
-        if self.sink:
-            self.sink.close()
         coco = [(r.task, list(r.classes) or None) for r in self.requests if r.task.writes_coco]
         parquet = list(dict.fromkeys(r.task for r in self.requests)) if self.config.parquet else []
         try:
@@ -430,11 +442,15 @@ class _Run:
                 self.folder.rebuild_files(coco, self.config.model.name, parquet, answers)
                 if self.captions and self.captions.metadata_root:
                     self.captions.write_metadata(answers(None))
+                if self.earlier_keys and not (self.summary.stopped_by or self.summary.output_error):
+                    self._stream_earlier(answers(None))
         except _OutputStopped as exc:
             self.summary.output_error = str(exc)
         except OSError as exc:
             self.summary.output_error = _cannot_write(exc.filename or self.folder.path, exc)
         finally:
+            if self.sink:
+                self.sink.close()
             if self.captions:
                 self.captions.close()
                 self.summary.captions_kept = self.captions.kept_count

@@ -358,3 +358,18 @@ def test_a_caption_file_that_cannot_be_written_fails_its_image_naming_the_file(i
     assert len(read_jsonl(tmp_path / "out" / ".florence" / "journal.jsonl")) == 5
     ledger = {r["name"] for r in read_jsonl(side / ".florence-captions.jsonl")}
     assert "img02.txt" not in ledger and len(ledger) == 4  # only files written
+
+
+def test_a_rerun_streams_the_answers_already_there_to_standard_output_by_default(images, tmp_path, capsys):
+    out = tmp_path / "out"
+    _run([images], out, FakeEngine(failing=("img03.png",)), tasks=("OD",), jsonl=str(tmp_path / "a.jsonl"))
+    assert len(read_jsonl(tmp_path / "a.jsonl")) == 4
+    _run([images], out, FakeEngine(), tasks=("OD",), jsonl=str(tmp_path / "a.jsonl"))  # a file: new ones only
+    assert [r["file"] for r in read_jsonl(tmp_path / "a.jsonl")][4:] == ["img03.png"]
+    capsys.readouterr()
+    summary = _run([images], out, FakeEngine(), tasks=("OD",), jsonl="-")  # as `... --jsonl - | jq`
+    streamed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert summary.skipped == 5 and [r["file"] for r in streamed] == [f"img0{i}.png" for i in range(5)]
+    assert streamed[0]["result"]["labels"] == ["car", "door handle"]
+    _run([images], out, FakeEngine(), tasks=("OD",), jsonl="-", jsonl_all=False)
+    assert capsys.readouterr().out == ""

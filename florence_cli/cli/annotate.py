@@ -133,6 +133,12 @@ def _device(ctx, param, value: str) -> str:
     "--jsonl", default=None, help="Also write one JSON object per image and task to PATH (- for stdout)."
 )
 @click.option(
+    "--jsonl-all/--jsonl-new",
+    default=None,
+    help="With --jsonl: also stream the answers earlier runs made for these inputs, after the new ones "
+    "(default: yes for -, no for a file, which holds them already).",
+)
+@click.option(
     "--from-parquet",
     "path_list",
     metavar="FILE",
@@ -349,7 +355,8 @@ def _config(flags: dict):
     return RunConfig(
         model=model, output=Path(flags["output"]), batch_size=flags["batch_size"], generation=generation,
         min_score=flags["min_score"], workers=flags["workers"], overwrite=flags["overwrite"],
-        jsonl=flags["jsonl"], parquet=flags["parquet"], progress=not flags["quiet"], shard=flags["shard"],
+        jsonl=flags["jsonl"], jsonl_all=flags["jsonl_all"], parquet=flags["parquet"],
+        progress=not flags["quiet"], shard=flags["shard"],
     )  # fmt: skip
 
 
