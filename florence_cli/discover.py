@@ -49,10 +49,12 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class InputError:
-    """An input that cannot be annotated; ``path`` is printable (see ``printable``)."""
+    """An input that cannot be annotated; ``path`` is printable (see ``printable``); ``shard``: a tar
+    shard that is not there (a pattern's, say), which is counted as a shard, not as an image."""
 
     path: str
     reason: str
+    shard: bool = False
 
 
 @dataclass(frozen=True)
@@ -199,7 +201,7 @@ def _expand(
 ) -> Iterator[ImageRef | InputError | Duplicate | ShardEnd]:
     """The images of one input; ``name``: the name a list gives it (a folder's: its images' prefix)."""
     if not os.path.exists(path):
-        yield InputError(printable(path), "no such file or directory")
+        yield InputError(printable(path), "no such file or directory", shard=is_tar_name(path))
     elif os.path.isdir(path):
         prefix = prefix if name is None else name
         for found in _walk_images(path, os.path.realpath(path), seen):

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import errno
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 from .captions import CaptionClash, CaptionFiles, caption_task, metadata_folder
 from .checkpoint import ModelLoadError, locate_model, model_identity
-from .config import RunConfig
+from .config import RunConfig, Shard
 from .device_errors import DeviceFailure
 from .discover import Duplicate, ImageRef, Input, InputError, discover, name_roots, printable
 from .engine import Engine
@@ -28,6 +27,7 @@ from .interrupts import Interrupted, critical, interruptible
 from .jobs import Job, TaskRequest, WorkItem, plan_jobs, requests_identity
 from .journal import ShardProgress, work_key
 from .outdir import OutputFolder, describe_os_error, stops_the_run
+from .progress import Progress
 from .records import Answer, ImageFailure, ItemResult, counted
 from .tarshards import ShardEnd
 from .tasks import resolve_task
@@ -49,6 +49,8 @@ class RunSummary:
     failed: int = 0  # images (or named inputs) with an error
     answers: int = 0  # (image, task) answers written in this run
     duplicates: int = 0  # files found again under another name, annotated once
+    missing_shards: int = 0  # tar shards a pattern names that are not there
+    total: int | None = None  # images the inputs hold, where they could be counted
     damaged_journal_lines: int = 0  # journal lines that hold no record, skipped
     seconds: float = 0.0
     failures: list[ImageFailure] = field(default_factory=list)  # the first few, for display
@@ -72,11 +74,16 @@ class RunSummary:
             return EXIT_DEVICE_FAILED
         if self.stopped_by:
             return 128 + self.stopped_by
-        return EXIT_IMAGES_FAILED if self.failed else EXIT_OK
+        return EXIT_IMAGES_FAILED if self.failed or self.missing_shards else EXIT_OK
 
     def line(self) -> str:
         """One line for the user: the counts, or why the run stopped and how far it got."""
-        done = f"{self.annotated + self.skipped} of {counted(self.images, 'image')} found so far are done"
+        done = self.annotated + self.skipped
+        done = (
+            f"{done} of {counted(self.total, 'image')} are done"
+            if self.total is not None
+            else f"{done} of {counted(self.images, 'image')} found so far are done"
+        )
         if self.output_error:
             return f"error: {self.output_error}; {done}; once fixed, run the same command to finish"
         if self.device_error:
@@ -86,6 +93,8 @@ class RunSummary:
         if self.stopped_by:
             return f"interrupted: {done}; run the same command to finish"
         duplicates = f", {self.duplicates} found twice (annotated once)" if self.duplicates else ""
+        if self.missing_shards:
+            duplicates += f", {counted(self.missing_shards, 'shard')} missing"
         kept = (
             f", {counted(self.captions_kept, 'caption file')} kept as they were (not written by "
             "florence-cli, or edited since; --overwrite-captions replaces them)"
@@ -191,7 +200,9 @@ def run(
     ``on_notice`` of a products mode other than the one asked for (auto's fallback)."""
     inputs = list(inputs)
     checked = preflight(inputs, requests, config, engine)
+    progress = Progress(config.progress)
     try:
+        progress.note(f"florence: loading {config.model.name}…")
         started = engine.start()
         if started.fallback:  # batch-dependent answers now: the folder must take them
             if on_notice:
@@ -199,11 +210,17 @@ def run(
             config = replace(config, model=replace(config.model, products=started.products))
             checked.folder.check_settings({**config.settings(), **checked.known})
     except BaseException:
+        progress.close()
         checked.close()
         engine.close()
         raise
+    if checked.found is not None:
+        progress.set_total(_images_among(checked.found, config.shard))
+    elif "-" not in inputs:  # paths on standard input cannot be counted ahead
+        progress.count_in_background(lambda: _images_among(discover(inputs), config.shard))
+    progress.start()
     try:
-        run = _Run(requests, checked, config, on_error, started.products)
+        run = _Run(requests, checked, config, on_error, started.products, progress)
         return run.execute(inputs, stdin_lines, engine)
     finally:
         engine.close()
@@ -219,6 +236,7 @@ class _Run:
         config: RunConfig,
         on_error: Callable[[ImageFailure], None] | None,
         products: str,
+        progress: Progress,
     ):
         self.requests = requests
         self.captions = checked.captions
@@ -231,7 +249,7 @@ class _Run:
         self.on_error = on_error
         self.summary = RunSummary(damaged_journal_lines=self.folder.journal.damaged_lines, products=products)
         self.sink = JsonlSink(config.jsonl) if config.jsonl else None
-        self.bar = _progress_bar(config.progress)
+        self.progress = progress
         self.captioned_earlier: dict[str, ImageRef] = {}  # images whose caption comes from the journal
         self.earlier_keys: set[bytes] = set()  # answers of earlier runs to stream at the end
 
@@ -265,6 +283,10 @@ class _Run:
 
     def fail(self, failure: ImageFailure) -> None:
         self.summary.failed += 1
+        self._log_error(failure)
+
+    def _log_error(self, failure: ImageFailure) -> None:
+        """The errors log's line and the user's, for a failed image or a missing shard."""
         if len(self.summary.failures) < 20:
             self.summary.failures.append(failure)
         try:
@@ -283,6 +305,7 @@ class _Run:
             if isinstance(found, ShardEnd):  # a tar shard's samples are all found (or were done earlier)
                 self.summary.images += found.skipped
                 self.summary.skipped += found.skipped
+                self.progress.update(found.skipped)
                 self.shards.ended(found)
                 continue
             shard = self.config.shard
@@ -291,9 +314,14 @@ class _Run:
             if isinstance(found, Duplicate):
                 self.summary.duplicates += 1
                 continue
+            if isinstance(found, InputError) and found.shard:
+                self.summary.missing_shards += 1
+                self._log_error(ImageFailure(found.path, found.reason))
+                continue
             self.summary.images += 1
             if isinstance(found, InputError):
                 self.fail(ImageFailure(found.path, found.reason))
+                self.progress.update(1)
                 continue
             if not self._claim_caption(found):
                 continue
@@ -315,6 +343,7 @@ class _Run:
                 yield WorkItem(found.path, found.name, found.order, tuple(jobs), member=found.member)
             elif not failures:
                 self.summary.skipped += 1
+                self.progress.update(1)
 
     def _claim_caption(self, image: ImageRef) -> bool:
         """Paths read from standard input were not checked ahead: the second image of a pair that would
@@ -404,8 +433,7 @@ class _Run:
             for result in results:
                 if result.answers:
                     self._write_caption(result.item, result.answers)
-        if self.bar is not None:
-            self.bar.update(len(results))
+        self.progress.update(len(results))
         if self.sink:
             try:
                 self.sink.write(answer.public() for answer in journaled)
@@ -425,8 +453,8 @@ class _Run:
     def close(self) -> None:
         """Sort the errors log, rebuild the COCO files from everything the journal holds, stream earlier
         answers where asked, and release the folder."""
-        if self.bar is not None:
-            self.bar.close()
+        self.progress.close()
+        self.summary.total = self.progress.total
         try:
             self.shards.commit()  # shards whose samples were all done before this run
         except OSError as exc:
@@ -459,6 +487,21 @@ class _Run:
             self.folder.close()
 
 
+def _images_among(found: Iterable, shard: Shard | None) -> int | None:
+    """How many images (and unusable inputs, which count as images) ``found`` holds for this shard; None
+    where they cannot be listed."""
+
+    def counts(item) -> bool:
+        if isinstance(item, InputError):  # a missing shard is no image
+            return not item.shard and (shard is None or shard.takes(item.path))
+        return isinstance(item, ImageRef) and (shard is None or shard.takes(item.name))
+
+    try:
+        return sum(1 for item in found if counts(item))
+    except OSError:
+        return None
+
+
 def _cannot_write(path, exc: OSError) -> str:
     return f"cannot write {printable(str(path))}: {describe_os_error(exc)}"
 
@@ -468,11 +511,3 @@ def _end(results: Iterator) -> None:
     close = getattr(results, "close", None)
     if close is not None:
         close()
-
-
-def _progress_bar(enabled: bool):
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)

@@ -373,3 +373,31 @@ def test_a_rerun_streams_the_answers_already_there_to_standard_output_by_default
     assert streamed[0]["result"]["labels"] == ["car", "door handle"]
     _run([images], out, FakeEngine(), tasks=("OD",), jsonl="-", jsonl_all=False)
     assert capsys.readouterr().out == ""
+
+
+def test_progress_off_a_terminal_is_a_line_at_a_time_with_a_total(images, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLORENCE_PROGRESS_EVERY", "0")  # a line per batch (30 s by default)
+    captions = CaptionOptions(sidecar_dir=tmp_path / "side")  # the inputs are listed ahead: a total now
+    _run([images], tmp_path / "out", FakeEngine(), tasks=("CAPTION",), captions=captions, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "florence: loading mrhendrey/Florence-2-large-ft-safetensors…"
+    assert [line.split(" (")[0] for line in lines[1:]] == ["florence: 2/5 images", "florence: 4/5 images",
+                                                           "florence: 5/5 images"]  # fmt: skip
+    assert "(100%)" in lines[-1] and "ETA 0:00:00" in lines[-1]
+
+
+def test_ctrl_c_counts_the_inputs_and_missing_shards_count_as_shards(images, tmp_path, monkeypatch):
+    from .conftest import random_image
+    from .helpers import image_bytes, write_shard
+
+    engine = FakeEngine(on_batch=lambda number: os.kill(os.getpid(), signal.SIGINT))
+    captions = CaptionOptions(sidecar_dir=tmp_path / "side")
+    summary = _run([images], tmp_path / "out", engine, tasks=("CAPTION",), captions=captions, progress=True)
+    assert "interrupted: 2 of 5 images are done" in summary.line()
+    monkeypatch.chdir(tmp_path)
+    write_shard(Path("shards/00000.tar"), [("a", {"png": image_bytes(random_image(1))})])
+    summary = _run(["shards/{00000..00002}.tar"], tmp_path / "shards-out", FakeEngine(), tasks=("OD",))
+    assert (summary.images, summary.missing_shards, summary.exit_code) == (1, 2, 1)
+    assert "1 image: 1 annotated" in summary.line() and "2 shards missing" in summary.line()
+    errors = read_jsonl(tmp_path / "shards-out" / "errors.jsonl")
+    assert [e["file"] for e in errors] == ["shards/00001.tar", "shards/00002.tar"]

@@ -1,0 +1,81 @@
+"""What a run tells its user on stderr while it goes: a tqdm bar on a terminal; anywhere else (nohup, a
+Slurm log, a pipe) one line every ``FLORENCE_PROGRESS_EVERY`` seconds (30 by default), img2dataset's way,
+so a log shows progress without a line per image. Both give a total, a percentage and an ETA once the
+inputs are counted (``count_in_background``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+from .records import counted
+
+
+class Progress:
+    """Progress of one run; ``enabled`` False (``-q``) says nothing."""
+
+    def __init__(self, enabled: bool, stream=None):
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.total: int | None = None
+        self.done = 0
+        self.started = time.monotonic()
+        self.every_s = float(os.environ.get("FLORENCE_PROGRESS_EVERY", "30"))
+        self._said_at = self.started
+        self._bar = None
+        if enabled and self.stream.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(unit="img", file=self.stream, dynamic_ncols=True, smoothing=0.1)
+
+    def start(self) -> None:
+        """The images start now (the model is loaded): rates and ETAs count from here."""
+        self.started = self._said_at = time.monotonic()
+
+    def note(self, text: str) -> None:
+        """One line, above the bar if one shows (``loading the model…``)."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def count_in_background(self, count: Callable[[], int | None]) -> None:
+        """Learn the total from ``count`` (a walk of the inputs) in a thread, while the run goes on."""
+        if self.enabled:
+            counting = threading.Thread(target=lambda: self.set_total(count()), name="count", daemon=True)
+            counting.start()
+
+    def set_total(self, total: int | None) -> None:
+        self.total = total
+        if self._bar is not None and total is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
+    def update(self, images: int) -> None:
+        """``images`` more are done (answered, failed or found done)."""
+        self.done += images
+        if self._bar is not None:
+            self._bar.update(images)
+        elif self.enabled and time.monotonic() - self._said_at >= self.every_s:
+            self._said_at = time.monotonic()
+            print(f"florence: {self.line()}", file=self.stream, flush=True)
+
+    def line(self) -> str:
+        """``120/400 images (30%), 31.4 images/s, ETA 0:00:09``, or without a total, the count and rate."""
+        rate = self.done / max(time.monotonic() - self.started, 1e-9)
+        if not self.total:
+            return f"{counted(self.done, 'image')}, {rate:.1f} images/s"
+        left = max(self.total - self.done, 0)
+        eta = timedelta(seconds=round(left / rate)) if rate > 0 else "unknown"
+        percent = 100 * self.done / self.total
+        return f"{self.done}/{counted(self.total, 'image')} ({percent:.0f}%), {rate:.1f} images/s, ETA {eta}"
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
