@@ -96,8 +96,8 @@ class RunSummary:
         if self.missing_shards:
             duplicates += f", {counted(self.missing_shards, 'shard')} missing"
         kept = (
-            f", {counted(self.captions_kept, 'caption file')} kept as they were (not written by "
-            "florence-cli, or edited since; --overwrite-captions replaces them)"
+            f", {counted(self.captions_kept, 'caption file')} kept as found (not written by florence-cli, "
+            "or edited since; --overwrite-captions replaces them)"
             if self.captions_kept else ""
         )  # fmt: skip
         if self.captions_empty:

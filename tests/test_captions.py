@@ -74,7 +74,7 @@ def test_a_caption_file_florence_did_not_write_is_kept_unless_overwrite_captions
     summary = _run(annotator, images, tmp_path / "out", sidecar=True)
     assert mine.read_text(encoding="utf-8") == "a hand-written caption"
     assert summary.captions_kept == 1 and summary.kept_captions == [str(mine)]
-    assert "1 caption files kept" in summary.line()
+    assert "1 caption file kept" in summary.line()
     assert (images / "img01.txt").read_text(encoding="utf-8") == _answers(tmp_path / "out")["img01.png"]
     summary = _run(annotator, images, tmp_path / "out", sidecar=True, overwrite=True)
     assert summary.captions_kept == 0
