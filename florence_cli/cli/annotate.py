@@ -53,7 +53,14 @@ def _device(ctx, param, value: str) -> str:
     return value
 
 
-@click.command()
+EXIT_STATUS = """Exit status: 0 all done; 1 some images failed; 2 refused before any image was read (usage,
+missing input or model, a checkpoint that is not Florence-2 or is broken, an output folder that cannot be
+used); 3 the output folder could not be written mid-run; 4 the device failed mid-run (a kernel that cannot
+compile or launch, a CUDA error); 130 Ctrl-C; 141 standard output closed; 143 SIGTERM. After 3, 4 and the
+signals, the same command resumes."""
+
+
+@click.command(epilog=EXIT_STATUS)
 @click.argument("inputs", nargs=-1)
 @click.option("-t", "--task", "tasks", multiple=True, help="Task to run (repeatable): OD, od or <OD>.")
 @click.option(
@@ -232,13 +239,18 @@ def _device(ctx, param, value: str) -> str:
 )
 def annotate(inputs: tuple[str, ...], **flags) -> None:
     """Annotate images (files, folders, WebDataset .tar shards or patterns of them such as
-    'shards/{00000..00099}.tar', or - for paths on stdin) with Florence-2 tasks.
+    'shards/{00000..00099}.tar', or - for paths on stdin) with Florence-2 tasks; `florence tasks` lists
+    them. The same command resumes a stopped run.
 
-    Exit status: 0 all done; 1 some images failed; 2 refused before any image was read (usage,
-    missing input or model, a checkpoint that is not Florence-2 or is broken, an output folder that
-    cannot be used); 3 the output folder could not be written mid-run; 4 the device failed mid-run (a
-    kernel that cannot compile or launch, a CUDA error); 130 Ctrl-C; 141 standard output closed; 143
-    SIGTERM. After 3, 4 and the signals, the same command resumes.
+    \b
+    Examples:
+      florence annotate imgs -t OD -t CAPTION -o out      # out/od.json (COCO), out/caption/*.txt
+      florence annotate imgs -t OD -m ./my-model          # a local checkpoint
+      florence annotate imgs -t MORE_DETAILED_CAPTION --sidecar --prefix 'ohwx, '   # for training
+      florence annotate imgs -t CAPTION_TO_PHRASE_GROUNDING --text 'a red house'
+      florence annotate 'shards/{00000..00099}.tar' -t CAPTION --parquet -o out
+      find imgs -newer last-run | florence annotate - -t OD -o out   # new files only
+      florence annotate imgs -t CAPTION --jsonl - -q | jq -r .result  # answers as a stream
     """
     from ..interrupts import Interrupted, interruptible
 
