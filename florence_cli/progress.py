@@ -37,13 +37,10 @@ class Progress:
         self.started = self._said_at = time.monotonic()
 
     def note(self, text: str) -> None:
-        """One line, above the bar if one shows (``loading the model…``)."""
-        if not self.enabled:
-            return
+        """One line on a terminal, where silence would leave the user wondering (``loading the model…``);
+        a log gets the progress lines alone (a refusal stays one line there)."""
         if self._bar is not None:
             self._bar.write(text, file=self.stream)
-        else:
-            print(text, file=self.stream, flush=True)
 
     def count_in_background(self, count: Callable[[], int | None]) -> None:
         """Learn the total from ``count`` (a walk of the inputs) in a thread, while the run goes on."""
