@@ -115,22 +115,18 @@ def test_batched_logits_equal_the_one_image_logits_bit_for_bit(florence_model, p
     model.compact_beams = False  # rows stay where they are, so step t of image i is rows 3i..3i+2
     try:
         batched = lm_head_outputs(model, features, prompt, settings)
-        model.products = "batched"  # batched products; and, for one image, the reference's own calls
-        batched_products = lm_head_outputs(model, features, prompt, settings)
+        model.products = "batched"  # for one image, the reference's own calls
         alone = [lm_head_outputs(model, features[i : i + 1], prompt, settings) for i in range(len(features))]
     finally:
         model.compact_beams, model.products = True, "per-image"
-    differs = False
     assert bool(in_blocks) == (threads == "for every product")
+    # (Why the per-image shapes exist: batched kernels may round a row by the batch's make-up — some
+    # CPUs' MKL and attention kernels do, at some sizes, and a near tie can then flip. Whether this
+    # machine's do at the tiny model's sizes is the hardware's business, not asserted here.)
     for image in range(len(features)):
         assert len(alone[image]) == len(batched)
         for step, logits in enumerate(alone[image]):
-            rows = slice(3 * image, 3 * image + 3)
-            assert torch.equal(batched[step][rows], logits), (image, step)
-            differs |= not torch.equal(batched_products[step][rows], logits)
-    # Why the per-image shapes exist: batched kernels round otherwise (true of this CPU's MKL and
-    # attention kernels; the reason a near tie can flip).
-    assert differs
+            assert torch.equal(batched[step][slice(3 * image, 3 * image + 3)], logits), (image, step)
 
 
 def test_scores_from_the_batchs_encoder_states_equal_a_fresh_one_image_pass(florence_model):
