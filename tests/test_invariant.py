@@ -153,6 +153,32 @@ def test_causal_attention_aligns_the_last_query_with_the_last_key(cached):
     _close(found, _sdpa(q, k, v, mask=allowed), torch.float32)
 
 
+def test_offsets_past_2_to_the_31_are_computed_in_64_bits(monkeypatch):
+    """Rows × stride passes 2^31 in large batches (fc1's inputs at ~870 images of 600-token prompts), so
+    the kernels compute offsets in 64 bits: 32-bit ones wrapped around and read other rows. Here the
+    interpreter's overflow check is on, which stops a kernel at any 32-bit offset past 2^31. A block's
+    rows, queries or keys past the last compute their offsets too, so one row, query or key with a huge
+    stride (any stride is legal for a dimension of size 1) takes a block's offsets past 2^31."""
+    builder = interpreter.interpreter_builder
+    monkeypatch.setattr(
+        builder, "options", dataclasses.replace(builder.options, sanitize_overflow=True, debug=True)
+    )
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 80, generator=generator)
+    weight, bias = torch.randn(136, 80, generator=generator), torch.randn(136, generator=generator)
+    far = x.as_strided((1, 80), (2**26, 1))  # a 64-row tile's last row: 63 × 2^26 elements on
+    linear = torch.ops.florence_cli.bi_linear
+    assert torch.equal(linear(far, weight, bias), linear(x, weight, bias))
+    q, k, v = _qkv(1, 1, 1, 1)
+    mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+    # 16 queries or 32 keys in a block: the last 15 or 31 × 2^28 elements on.
+    far_q, far_k, far_v = (t.as_strided(t.shape, (16, 16, 2**28, 1)) for t in (q, k, v))
+    far_mask = mask.as_strided(mask.shape, (1, 1, 2**28, 2**28))
+    attention = torch.ops.florence_cli.bi_attention
+    found = attention(far_q, far_k, far_v, far_mask, 0.25, False)
+    assert torch.equal(found, attention(q, k, v, mask, 0.25, False))
+
+
 class _Dispatched(TorchDispatchMode):
     """Names the operators dispatched while it is active."""
 
