@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 import triton.language as tl
 from triton.runtime import interpreter
 
-from florence_cli import invariant
+from florence_cli import beam, invariant
 from florence_cli.cli import main
 from florence_cli.graphs import StaticDecoder
 from florence_cli.model import FlorenceModel
@@ -180,14 +180,17 @@ def test_offsets_past_2_to_the_31_are_computed_in_64_bits(monkeypatch):
 
 
 class _Dispatched(TorchDispatchMode):
-    """Names the operators dispatched while it is active."""
+    """Names the operators dispatched while it is active, and the (query rows, key rows) of each attention."""
 
     def __init__(self):
         super().__init__()
         self.names: set[str] = set()
+        self.attention_rows: set[tuple[int, int]] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.add(func.name())
+        if func.name() == "florence_cli::bi_attention":
+            self.attention_rows.add((args[0].shape[0], args[1].shape[0]))
         return func(*args, **(kwargs or {}))
 
 
@@ -244,6 +247,36 @@ def test_static_steps_give_the_plain_invariant_steps_bits(small_invariant, monke
     attended = [length for _, length, *_ in steps.shapes]
     assert any(length > position + 1 for length, position in zip(attended, steps.positions, strict=True))
     assert static.masked
+
+
+def test_beams_read_one_copy_of_their_image_encoder_states(small_invariant, monkeypatch):
+    """Invariant products keep an image's encoder states, their mask and its cross-attention cache once
+    for all its beams: a step's cross-attention reads one key row per image for its 3 beams' queries. Every
+    step's logits are the bits of transformers' layout (a copy per beam), in plain and static steps."""
+    model = small_invariant
+    size = model.resize_spec.size
+    pixels = [np.asarray(random_image(s).resize(size, Image.Resampling.BICUBIC)) for s in range(3)]
+    features = model.image_features(model.pixel_values(pixels))
+    prompts = ["<OD>", "<CAPTION>", "<OCR>"]  # three lengths: the encoder's mask is in play
+    settings = {"num_beams": 3, "max_new_tokens": 6}
+    steps = Steps(monkeypatch)
+    with _Dispatched() as seen:
+        shared, shared_logits = steps.generate(model, features, prompts, settings)
+    assert (9, 3) in seen.attention_rows  # 3 images × 3 beams of queries, 3 rows of keys
+    static = StaticDecoder(model.model, buckets=(4,))
+    static_answers, static_logits = steps.generate(model, features, prompts, settings, static)
+    assert static.encoder_group == 3 and static.buffers.encoder_rows == 4
+    one_per_image = beam._BeamSearch.__init__
+    monkeypatch.setattr(
+        beam._BeamSearch, "__init__", lambda search, *args: one_per_image(search, *args[:-1], False)
+    )
+    with _Dispatched() as seen:
+        per_beam, per_beam_logits = steps.generate(model, features, prompts, settings)
+    assert (9, 3) not in seen.attention_rows
+    assert shared == per_beam == static_answers
+    for logits in (shared_logits, static_logits):
+        assert len(logits) == len(per_beam_logits)
+        assert all(torch.equal(a, b) for a, b in zip(logits, per_beam_logits, strict=True))
 
 
 def test_cli_names_invariant_products_and_refuses_them_where_they_cannot_run(
