@@ -134,7 +134,8 @@ def _linear_sites(dims: Dims, dtype: torch.dtype) -> Iterator[Site]:
         weight = _meta((cols, depth), dtype)
         bias = _meta((cols,), dtype) if has_bias else None
         _, args, options = invariant.linear_launch(flat, weight, bias, _meta((len(flat), cols), dtype))
-        yield Site(f"{dims.name} {_short(dtype)} linear, {name}", invariant._linear_kernel, args, options)
+        label = f"{dims.name} {POINTER_TYPES[dtype]} linear, {name}"
+        yield Site(label, invariant._linear_kernel, args, options)
 
 
 def _attention_sites(dims: Dims, dtype: torch.dtype) -> Iterator[Site]:
@@ -168,7 +169,7 @@ def _attention(dims: Dims, name: str, query, keys, mask, causal: bool) -> Site:
     rows, heads, q_len, head_dim = query.shape
     out = _meta((rows, q_len, heads, head_dim), query.dtype)
     _, args, options = invariant.attention_launch(query, keys, keys, mask, 0.125, causal, out)
-    label = f"{dims.name} {_short(query.dtype)} attention, {name}"
+    label = f"{dims.name} {POINTER_TYPES[query.dtype]} attention, {name}"
     return Site(label, invariant._attention_kernel, args, options)
 
 
@@ -194,10 +195,6 @@ def _padding(rows: int, q_len: int, length: int, kind: str, dtype: torch.dtype) 
 
 def _meta(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
-
-
-def _short(dtype: torch.dtype) -> str:
-    return POINTER_TYPES[dtype]
 
 
 def distinct(found: list[Site]) -> list[Specialisation]:
