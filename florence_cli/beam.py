@@ -108,10 +108,9 @@ class _BeamSearch:
         # Query rows per row of encoder states: transformers repeated each image's rows once per beam.
         self.encoder_group = self.num_beams if shared_encoder_states else 1
         if shared_encoder_states:
-            states = model_kwargs["encoder_outputs"].last_hidden_state
-            model_kwargs["encoder_outputs"] = BaseModelOutput(
-                last_hidden_state=states[:: self.num_beams].contiguous()
-            )
+            # In place, as generate expanded them: the caller's reference then holds no copy per beam either.
+            outputs = model_kwargs["encoder_outputs"]
+            outputs.last_hidden_state = outputs.last_hidden_state[:: self.num_beams].contiguous()
             if model_kwargs.get("attention_mask") is not None:
                 model_kwargs["attention_mask"] = model_kwargs["attention_mask"][:: self.num_beams]
         self.prompt_len = input_ids.shape[1]
