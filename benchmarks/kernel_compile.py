@@ -38,6 +38,7 @@ BEAMS = 3
 IMAGES = 2  # rows are never a specialisation: any count compiles the same kernel
 PROMPTS = (590, 592)  # image tokens and a prompt: not a multiple of 16, and one (masks' strides differ)
 ANSWER = 40  # tokens generated so far (a decoding step's self-attention cache; the scoring pass)
+SHORT_ANSWER = 20  # a caption's: the scoring pass in a 32-query block
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,9 @@ def _linear_sites(dims: Dims, dtype: torch.dtype) -> Iterator[Site]:
 
 def _attention_sites(dims: Dims, dtype: torch.dtype) -> Iterator[Site]:
     """Encoder prompts (unpadded, or padded with a boolean or additive mask), the decoder's first and
-    steady steps (one query per beam; its cross-attention reading one image's states for all its beams,
-    in the plain cache's layout and the CUDA graphs' static one), and the scoring pass (causal)."""
+    steady steps (one query per beam; its cross-attention reading one image's states and mask for all
+    its beams, in the plain cache's layout and the CUDA graphs' static one, or, in transformers' own
+    beam search, a copy per beam), and the scoring pass (causal)."""
     steps = IMAGES * BEAMS
     for prompt in PROMPTS:
         for mask in ("none", "boolean", "additive"):
@@ -149,8 +151,16 @@ def _attention_sites(dims: Dims, dtype: torch.dtype) -> Iterator[Site]:
             padding = _padding(IMAGES, prompt, prompt, mask, dtype)
             yield _attention(dims, f"encoder, {prompt} tokens, {mask} mask", states, states, padding, False)
             query = _projected(dims, steps, 1, dtype)
-            padding = _padding(steps, 1, prompt, mask, dtype)
-            for layout, keys in (("cache", states), ("static", _cached(dims, IMAGES, prompt, dtype))):
+            shared = _padding(IMAGES, 1, prompt, mask, dtype)
+            cross = {
+                "cache": (states, shared),
+                "static": (_cached(dims, IMAGES, prompt, dtype), shared),
+                "a copy per beam": (
+                    _projected(dims, steps, prompt, dtype),
+                    _padding(steps, 1, prompt, mask, dtype),
+                ),
+            }
+            for layout, (keys, padding) in cross.items():
                 yield _attention(dims, f"cross step ({layout}), {mask} mask", query, keys, padding, False)
     query = _projected(dims, steps, 1, dtype)
     yield _attention(dims, "self, first step", query, query, None, False)
@@ -158,9 +168,11 @@ def _attention_sites(dims: Dims, dtype: torch.dtype) -> Iterator[Site]:
     yield _attention(dims, "self step", query, cache, None, False)
     static_mask = _meta((1, 1, 1, 64), dtype)  # graphs.py's: the attended length, additive
     yield _attention(dims, "self step (static)", query, _cached(dims, steps, 64, dtype), static_mask, False)
-    answer = _projected(dims, 1, ANSWER, dtype)
-    yield _attention(dims, "scoring, self (causal)", answer, answer, None, True)
-    yield _attention(dims, "scoring, cross", answer, _projected(dims, 1, PROMPTS[0], dtype), None, False)
+    for length in (ANSWER, SHORT_ANSWER):
+        answer = _projected(dims, 1, length, dtype)
+        yield _attention(dims, f"scoring {length} tokens, self (causal)", answer, answer, None, True)
+        states = _projected(dims, 1, PROMPTS[0], dtype)
+        yield _attention(dims, f"scoring {length} tokens, cross", answer, states, None, False)
 
 
 def _attention(dims: Dims, name: str, query, keys, mask, causal: bool) -> Site:

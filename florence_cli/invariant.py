@@ -256,9 +256,10 @@ def attention_launch(query, key, value, mask, scale: float, causal: bool, out: t
     if min(query.stride(3), key.stride(3), value.stride(3)) != 1:
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     block_m = query_block(group * q_len, query.dtype)
-    _, block_n, stages = ATTENTION_TILES[query.dtype]
-    # In 4 warps, a 64-query block's registers spilled on sm_80, and fp32's (its products in registers).
-    warps = 8 if block_m == 64 or query.dtype == torch.float32 else 4
+    largest, block_n, stages = ATTENTION_TILES[query.dtype]
+    # A full block's registers spilled in 4 warps (64 queries on sm_80; fp32's 32, its products in
+    # registers); a 16-query fp32 block spilled in 8 (sm_90).
+    warps = 8 if block_m == largest else 4
     grid = (triton.cdiv(group * q_len, block_m), key_rows * heads)
     args = (
         query, key, value, mask, out, scale, heads, group, q_len, k_len, head_dim,
