@@ -5,7 +5,7 @@ A compile error, a register spill or more shared memory than the target gives a 
     python benchmarks/kernel_compile.py           # a table; exit status 1 on any failure
     python benchmarks/kernel_compile.py --json    # one JSON object per compiled kernel
 
-About 220 compiles, a second or so each (spread over ``--jobs`` processes); Triton's cache keeps them,
+About 300 compiles, a second or so each (spread over ``--jobs`` processes); Triton's cache keeps them,
 so a rerun of unchanged kernels takes seconds.
 
 Run it with ``TRITON_INTERPRET`` unset: under the interpreter the kernels are not compilable functions.
