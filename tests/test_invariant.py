@@ -144,6 +144,27 @@ def test_decoding_steps_attend_with_the_same_bits_in_a_batch_of_1_7_or_64():
         assert torch.equal(cross[part], alone), row
 
 
+def test_beams_over_one_key_row_attend_with_the_bits_of_their_own_copies():
+    """Query rows grouped over one key row — an image's 3 beams over its encoder states, one query each,
+    with its padding mask (boolean or added; one per image, or one per beam) — give the bits of each row
+    attending over its own copy, as transformers' cache lays them out."""
+    q, _, _ = _qkv(6, 2, 1, 70)
+    _, k, v = _qkv(2, 2, 1, 70, seed=1)
+    k_copies, v_copies = k.repeat_interleave(3, 0), v.repeat_interleave(3, 0)
+    allowed = (torch.arange(70)[None, :] < torch.tensor([70, 40])[:, None])[:, None, None, :]
+    added = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    attention = torch.ops.florence_cli.bi_attention
+    assert torch.equal(
+        attention(q, k, v, None, 0.25, False), attention(q, k_copies, v_copies, None, 0.25, False)
+    )
+    for mask in (allowed, added):
+        per_beam = mask.repeat_interleave(3, 0)
+        expected = attention(q, k_copies, v_copies, per_beam, 0.25, False)
+        assert torch.equal(attention(q, k, v, mask, 0.25, False), expected)
+        assert torch.equal(attention(q, k, v, per_beam, 0.25, False), expected)
+    _close(expected, _sdpa(q, k_copies, v_copies, allowed.repeat_interleave(3, 0)), torch.float32)
+
+
 @pytest.mark.parametrize("cached", [0, 5])
 def test_causal_attention_aligns_the_last_query_with_the_last_key(cached):
     """Teacher-forced decoding (several queries, no mask: SDPA's causal case), after ``cached`` keys."""
