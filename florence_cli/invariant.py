@@ -213,10 +213,10 @@ def _attention_kernel(
 def query_block(queries: int, dtype: torch.dtype) -> int:
     """Queries per program for a key row read by ``queries`` queries (its query rows × each row's
     queries): the smallest power of two that holds them, from 16 (``tl.dot`` takes 16 rows or more) to
-    the dtype's largest. A decoding step's one query then fills 16 rows, not 64, and its beams, reading one image's
-    encoder states, share a block. It follows a row's own query count and the beams only, never the
-    batch, and each query sums its keys in the same blocks (``ATTENTION_TILES``) whatever its block:
-    the batch still changes no bit."""
+    the dtype's largest. A decoding step's one query then fills 16 rows, not 64, and its beams, reading
+    one image's encoder states, share a block. It follows a row's own query count and the beams only,
+    never the batch, and each query sums its keys in the same blocks (``ATTENTION_TILES``) whatever its
+    block: the batch still changes no bit."""
     return min(ATTENTION_TILES[dtype][0], max(16, triton.next_power_of_2(queries)))
 
 
