@@ -1,8 +1,9 @@
-"""Device-independent costs of decoding: operators dispatched and weight bytes read per generated token
-per image, counted on any device (a CPU will do) with a ``TorchDispatchMode``.
+"""Device-independent costs of decoding: operators dispatched, weight bytes and key/value-cache bytes read
+per generated token per image, counted on any device (a CPU will do) with a ``TorchDispatchMode``.
 
 On a GPU a decoding step is bound by launching its kernels (one per operator, more or less) or by
-reading the model's weights, not by arithmetic: these two counts predict that regime without a GPU.
+reading memory — the model's weights and the key/value cache its attention reads — not by arithmetic:
+these counts predict that regime without a GPU.
 What is counted: a *steady* decoding step — the decoder, the output layer, the beam search's work,
 the cache's updates and the logits processors — averaged over the steps after the first and before
 the last, divided by the images in the batch. Left out: the vision tower and the language encoder
@@ -12,7 +13,10 @@ noise, so every step does the same work whatever the values: the counts are exac
 
 Weight bytes: for each operator call, the bytes of its arguments that are views of the model's
 parameters or buffers (matched by storage), once per call; a lookup (embedding rows, an index) counts
-the bytes it returns, and a view (transpose, slice) reads nothing. Operators of the ``florence_cli``
+the bytes it returns, and a view (transpose, slice) reads nothing. Key/value-cache bytes: for each
+attention of the decoder, the bytes of the cached keys and values it attends over (its layer of the
+self-attention cache, and of the cross-attention cache: the encoder's states, a copy per beam or one
+per image). Operators of the ``florence_cli``
 namespace (florence_cli.invariant's batch-invariant kernels, Triton on CUDA) count as one operator
 each, as one kernel launch, and are computed by PyTorch's equivalents
 (``florence_cli.kernel_check.torch_equivalents``), so no Triton interpreter is needed: the counts, not
@@ -22,6 +26,7 @@ the bits, matter here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 from dataclasses import dataclass
@@ -51,6 +56,7 @@ class Cost:
     ops: int = 0
     compute_ops: int = 0  # operators that are not views: on a GPU, about the kernels launched
     weight_bytes: int = 0
+    kv_bytes: int = 0  # the key/value cache the attention reads
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(*(a + b for a, b in zip(self.astuple(), other.astuple(), strict=True)))
@@ -59,7 +65,7 @@ class Cost:
         return Cost(*(value * factor for value in self.astuple()))
 
     def astuple(self) -> tuple:
-        return self.ops, self.compute_ops, self.weight_bytes
+        return self.ops, self.compute_ops, self.weight_bytes, self.kv_bytes
 
 
 class CostCounter(TorchDispatchMode):
@@ -74,10 +80,15 @@ class CostCounter(TorchDispatchMode):
         self.weights = {_storage(t) for t in (*model.parameters(), *model.buffers())} - {None}
         self._paused = 0
         inner = model.model
-        self._hooks = [inner.language_model.decoder.register_forward_pre_hook(self._new_step)]
+        decoder = inner.language_model.decoder
+        self._hooks = [decoder.register_forward_pre_hook(self._new_step)]
         for quiet in (inner.vision_tower, inner.language_model.encoder):
             self._hooks += [quiet.register_forward_pre_hook(self._pause),
                             quiet.register_forward_hook(self._resume)]  # fmt: skip
+        for layer in decoder.layers:
+            for attention, cross in ((layer.self_attn, False), (layer.encoder_attn, True)):
+                hook = functools.partial(self._attended, cross=cross)
+                self._hooks.append(attention.register_forward_hook(hook, with_kwargs=True))
 
     def call(self) -> None:
         """A new generation starts: its steps are kept apart from the last one's."""
@@ -107,6 +118,20 @@ class CostCounter(TorchDispatchMode):
     def _resume(self, *_) -> None:
         self._paused -= 1
 
+    def _step_cost(self) -> Cost | None:
+        """The cost of the step under way, or None outside steps and while paused."""
+        steps = self.calls[-1] if self.calls else None
+        return steps[-1] if steps and not self._paused else None
+
+    def _attended(self, module, args, kwargs: dict, output, cross: bool) -> None:
+        """Count the keys and values an attention just attended over: its layer of the step's cache."""
+        cache, cost = kwargs.get("cache"), self._step_cost()
+        if cache is None or cost is None:
+            return
+        layers = cache.cross_attention_cache if cross else cache.self_attention_cache
+        layer = layers.layers[module.layer_idx]
+        cost.kv_bytes += _nbytes(layer.keys) + _nbytes(layer.values)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         run = func
@@ -115,9 +140,8 @@ class CostCounter(TorchDispatchMode):
             if run is None:
                 raise Unavailable(f"no plain-torch stand-in for {func._schema.name} to count it with")
         out = run(*args, **kwargs)
-        steps = self.calls[-1] if self.calls else None
-        if steps and not self._paused:
-            cost = steps[-1]
+        cost = self._step_cost()
+        if cost is not None:
             cost.ops += 1
             cost.compute_ops += not func.is_view
             cost.weight_bytes += self._weight_bytes(func, (args, kwargs), out)
@@ -258,9 +282,10 @@ def format_table(rows: list[dict]) -> list[str]:
     batched = {r["batch"]: r["cost"] for r in rows if r["mode"] == "batched" and "cost" in r}
     reference = next((r["cost"] for r in rows if r["mode"] == "reference" and "cost" in r), None)
     lines = [
-        "| mode | batch | operators | of which kernels | weight MB | operators vs batched "
-        "| weight vs batched | reference ÷ this, operators | reference ÷ this, weight |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mode | batch | operators | of which kernels | weight MB | KV-cache MB | operators vs batched "
+        "| weight vs batched | KV-cache vs batched | reference ÷ this, operators | reference ÷ this, weight "
+        "| reference ÷ this, KV-cache |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     shown_reference = False
     for row in rows:
@@ -269,11 +294,12 @@ def format_table(rows: list[dict]) -> list[str]:
         shown_reference |= row["mode"] == "reference"
         batch = row["batch"] if row["mode"] != "reference" else "1 (any)"
         if "cost" not in row:
-            lines.append(f"| {row['mode']} | {batch} | n/a ({row['missing']}) | | | | | | |")
+            lines.append(f"| {row['mode']} | {batch} | n/a ({row['missing']}) |" + " |" * 9)
             continue
         cost = row["cost"]
         versus = batched.get(row["batch"]) if row["mode"] != "reference" else None
         cells = [f"{cost.ops:,.1f}", f"{cost.compute_ops:,.1f}", f"{cost.weight_bytes / 1e6:,.2f}"]
+        cells.append(f"{cost.kv_bytes / 1e6:,.2f}")
         cells += [_ratio(cost, versus), _ratio(reference, cost)]
         lines.append(f"| {row['mode']} | {batch} | " + " | ".join(cells) + " |")
     lines.append(goal_line(rows))
@@ -298,9 +324,13 @@ def goal_line(rows: list[dict]) -> str:
 
 
 def _ratio(numerator: Cost | None, denominator: Cost | None) -> str:
-    """Two cells: the ratios of operators and of weight bytes ("" where there is nothing to compare)."""
+    """Three cells: the ratios of operators, of weight bytes and of key/value-cache bytes ("" where there
+    is nothing to compare)."""
     if numerator is None or denominator is None:
-        return " | "
-    ops = f"{numerator.ops / denominator.ops:.2f}"
-    weights = f"{numerator.weight_bytes / denominator.weight_bytes:.2f}" if denominator.weight_bytes else ""
-    return f"{ops} | {weights}"
+        return " |  | "
+    pairs = [
+        (numerator.ops, denominator.ops),
+        (numerator.weight_bytes, denominator.weight_bytes),
+        (numerator.kv_bytes, denominator.kv_bytes),
+    ]
+    return " | ".join(f"{a / b:.2f}" if b else "" for a, b in pairs)

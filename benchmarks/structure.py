@@ -31,8 +31,8 @@ LAYERS = {
     "checkpoint": 1, "interrupts": 1, "formats": 1, "tarshards": 1, "pathlist": 1,
     "beam": 2, "exact": 2, "invariant": 2, "graphs": 2, "original": 2, "model": 2, "answer": 2,
     "device_errors": 2, "kernel_check": 2,
-    "engine": 3, "runner": 3, "progress": 3, "annotate": 3, "ray_engine": 3, "merge": 3, "evaluate": 3, "viz": 3,
-    "testing": 3,
+    "engine": 3, "runner": 3, "progress": 3, "annotate": 3, "ray_engine": 3, "merge": 3, "evaluate": 3,
+    "viz": 3, "testing": 3,
     "cli": 4, "__main__": 4, "__init__": 4,
 }  # fmt: skip
 WINDOW = 6

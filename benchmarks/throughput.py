@@ -21,10 +21,10 @@ key/value cache, the decoder compiled with ``torch.compile`` (compile time inclu
 capture time included). ``--levers compaction,products`` runs only the levers whose names hold those
 words.
 
-``--counters 8,64`` adds device-independent costs (counters.py): operators dispatched and weight bytes
-read per generated token per image, in a steady decoding step, for the reference loop and the
-per-image, batch-invariant and batched modes at each batch size, counted over ``--counter-tokens``
-pinned tokens (``-n 0`` prints them alone, without the timed runs).
+``--counters 8,64`` adds device-independent costs (counters.py): operators dispatched, weight bytes and
+key/value-cache bytes read per generated token per image, in a steady decoding step, for the reference
+loop and the per-image, batch-invariant and batched modes at each batch size, counted over
+``--counter-tokens`` pinned tokens (``-n 0`` prints them alone, without the timed runs).
 
     python benchmarks/throughput.py --device cpu --size base -n 8 --batch-sizes 8
     python benchmarks/throughput.py --device cpu --size base -n 8 --lengths free --levers compaction
@@ -242,7 +242,7 @@ def print_counters(args, model: FlorenceModel, task: str) -> None:
     batches = [int(b) for b in args.counters.split(",")]
     print(f"# decoding costs per generated token per image ({resolve_task(task).token}; one steady step: "
           "decoder, output layer, beam search, cache updates; vision tower, encoder and the first "
-          f"step's cross-attention keys/values left out), counted over {args.counter_tokens} pinned "
+          f"step's cross-attention projections left out), counted over {args.counter_tokens} pinned "
           f"tokens, {model.dtype} weights", flush=True)  # fmt: skip
     generation = pinned_generation(args.counter_tokens, args.num_beams)
     modes = tuple(args.counter_modes.split(","))

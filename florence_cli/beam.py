@@ -29,6 +29,8 @@ from transformers.generation import logits_process, stopping_criteria
 from transformers.generation.utils import ALL_CACHE_NAMES, GENERATION_MODES_MAPPING, GenerationMode
 from transformers.modeling_outputs import BaseModelOutput
 
+from .graphs import encoder_rows
+
 if TYPE_CHECKING:
     from .graphs import StaticDecoder
 
@@ -58,11 +60,16 @@ def compacting_beam_search(
     generation_config,
     synced_gpus: bool = False,
     static_decoder: StaticDecoder | None = None,
+    shared_encoder_states: bool = False,
     **model_kwargs,
 ) -> torch.LongTensor:
     """Beam search as transformers runs it, with finished images dropped from the batch.
     ``static_decoder`` (a ``generate`` argument): the steps after the first run over its static cache,
-    replayed from CUDA graphs on a GPU (graphs.py), where it fits the model."""
+    replayed from CUDA graphs on a GPU (graphs.py), where it fits the model.
+    ``shared_encoder_states`` (a ``generate`` argument): the model's attention lets an image's beams read
+    one row of encoder states (invariant.py's kernel does), so the encoder's outputs, their mask and the
+    cross-attention cache are kept once per image, not once per beam: every beam holds the same bits, and
+    a decoding step reads them once for all the beams."""
     if not _supported(
         model, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs
     ):
@@ -70,9 +77,8 @@ def compacting_beam_search(
         return method(
             input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, **model_kwargs
         )
-    return _BeamSearch(model, input_ids, generation_config, model_kwargs).run(
-        logits_processor, stopping_criteria, static_decoder
-    )
+    search = _BeamSearch(model, input_ids, generation_config, model_kwargs, shared_encoder_states)
+    return search.run(logits_processor, stopping_criteria, static_decoder)
 
 
 def _supported(model, logits_processor, criteria, generation_config, synced_gpus, model_kwargs) -> bool:
@@ -92,11 +98,21 @@ def _supported(model, logits_processor, criteria, generation_config, synced_gpus
 class _BeamSearch:
     """The state of one batched beam search: per image (rows) × beam tensors, as in transformers."""
 
-    def __init__(self, model, input_ids: torch.LongTensor, config, model_kwargs: dict):
+    def __init__(
+        self, model, input_ids: torch.LongTensor, config, model_kwargs: dict, shared_encoder_states: bool
+    ):
         self.model = model
         self.config = config
         self.kwargs = model_kwargs
         self.num_beams = config.num_beams
+        # Query rows per row of encoder states: transformers repeated each image's rows once per beam.
+        self.encoder_group = self.num_beams if shared_encoder_states else 1
+        if shared_encoder_states:
+            # In place, as generate expanded them: the caller's reference then holds no copy per beam either.
+            outputs = model_kwargs["encoder_outputs"]
+            outputs.last_hidden_state = outputs.last_hidden_state[:: self.num_beams].contiguous()
+            if model_kwargs.get("attention_mask") is not None:
+                model_kwargs["attention_mask"] = model_kwargs["attention_mask"][:: self.num_beams]
         self.prompt_len = input_ids.shape[1]
         self.max_length = config.max_length
         rows = input_ids.shape[0] // self.num_beams
@@ -131,7 +147,9 @@ class _BeamSearch:
         cur_len = self.prompt_len
         flat_running = self.running[:, :, :cur_len].reshape(-1, cur_len)
         outputs = model._prefill(flat_running, self.config, self.kwargs, is_first_iteration=True)
-        self.steps = _CacheSteps.after(model, outputs, self.kwargs, beams, self.max_length, static_decoder)
+        self.steps = _CacheSteps.after(
+            model, outputs, self.kwargs, beams, self.encoder_group, self.max_length, static_decoder
+        )
         logits = _last_logits(outputs, self.running.device)
         del outputs  # the prefill logits can be large
         while True:
@@ -247,23 +265,28 @@ class _BeamSearch:
 
 class _CacheSteps:
     """The decoding steps after the first, as transformers' loop runs them: the model's forward over
-    its dynamic cache, rows reordered and dropped in that cache and in the model's inputs."""
+    its dynamic cache, rows reordered and dropped in that cache and in the model's inputs. The encoder's
+    outputs, their mask and the cross-attention cache hold a row per ``encoder_group`` rows (per image,
+    or per beam)."""
 
-    def __init__(self, model, kwargs: dict, beams: int):
+    def __init__(self, model, kwargs: dict, beams: int, encoder_group: int):
         self.model = model
         self.kwargs = kwargs
+        self.encoder_group = encoder_group
         cache = self._cache()
         # The cross-attention states are written once, at the first step.
-        self.cross_beams_alike = isinstance(cache, EncoderDecoderCache) and _beams_alike(
-            cache.cross_attention_cache, beams
+        self.cross_beams_alike = isinstance(cache, EncoderDecoderCache) and (
+            encoder_group == beams or _beams_alike(cache.cross_attention_cache, beams)
         )
 
     @classmethod
-    def after(cls, model, outputs, kwargs: dict, beams: int, max_length: int, static_decoder):
+    def after(
+        cls, model, outputs, kwargs: dict, beams: int, encoder_group: int, max_length: int, static_decoder
+    ):
         """The steps that follow the first step's ``outputs``: over ``static_decoder``'s static cache
         where it fits (the first step's cache then handed over to it), else transformers' own."""
         kwargs = model._update_model_kwargs_for_generation(outputs, kwargs, is_encoder_decoder=True)
-        steps = cls(model, kwargs, beams)
+        steps = cls(model, kwargs, beams, encoder_group)
         cache = steps._cache()
         if static_decoder is None or not static_decoder.fits(cache):
             return steps
@@ -291,13 +314,15 @@ class _CacheSteps:
 
     def select(self, flat: torch.Tensor) -> None:
         """Keep the rows ``flat``: their encoder outputs, attention mask and cache."""
+        encoder = encoder_rows(flat, self.encoder_group)
         encoder_states = self.kwargs["encoder_outputs"].last_hidden_state
-        self.kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=encoder_states[flat])
+        self.kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=encoder_states[encoder])
         if self.kwargs.get("attention_mask") is not None:
-            self.kwargs["attention_mask"] = self.kwargs["attention_mask"][flat]
+            self.kwargs["attention_mask"] = self.kwargs["attention_mask"][encoder]
         cache = self._cache()
         if cache is not None:
-            cache.batch_select_indices(flat)
+            cache.self_attention_cache.batch_select_indices(flat)
+            cache.cross_attention_cache.batch_select_indices(encoder)
 
     def logits(self, flat_running: torch.Tensor) -> torch.Tensor:
         """The next token's float32 logits for each row of ``flat_running`` (rows × tokens so far)."""

@@ -10,7 +10,9 @@ launch, but only over fixed shapes at fixed addresses. So here:
   new token's keys and values at its position and attends over a fixed length (the position rounded
   up to a power of two), the positions not yet written masked out;
 - the cross-attention's keys and values (the encoder's states, written by the first step, which is
-  transformers' own) are copied into a static buffer once per generation;
+  transformers' own) are copied into a static buffer once per generation — a row per image where the
+  cache holds them so (beam.py's ``shared_encoder_states``), else a row per beam, and the encoder's
+  mask alike;
 - rows are padded to buckets of 8, 16, 32 or 64 images (then multiples of 64), each image with its
   beams: one graph per (bucket, attended length, encoder length, padded prompts or not). When images
   leave the batch (beam.py), the kept rows are gathered to the front and the next step runs in the
@@ -70,6 +72,12 @@ def image_bucket(images: int, buckets: tuple[int, ...] = IMAGE_BUCKETS) -> int:
     return -(-images // buckets[-1]) * buckets[-1]
 
 
+def encoder_rows(rows: torch.Tensor, group: int) -> torch.Tensor:
+    """The rows of encoder-side tensors (encoder states, their mask, cross-attention states) that query
+    rows ``rows`` — whole groups of ``group`` rows, in order — read: one per group."""
+    return rows[::group] // group
+
+
 def attended_length(positions: int, cache_length: int) -> int:
     """How many cache positions a step attends over when ``positions`` of them are written."""
     length = SHORTEST_ATTENDED
@@ -81,10 +89,11 @@ def attended_length(positions: int, cache_length: int) -> int:
 @dataclass
 class _Buffers:
     """Static tensors a step reads and writes (a graph holds their addresses), for up to ``capacity``
-    rows. The cross-attention states and the encoder's mask are flat, viewed per encoder length, so
-    that prompts of another length reuse them."""
+    rows, and ``encoder_rows`` rows of cross-attention states and encoder mask (one per image, or per
+    row). Those are flat, viewed per encoder length, so that prompts of another length reuse them."""
 
     capacity: int
+    encoder_rows: int
     cache_length: int
     encoder_capacity: int
     states: torch.Tensor  # layers, keys/values, rows, heads, positions, head dims
@@ -99,11 +108,11 @@ class _Buffers:
 
     def cross_view(self, rows: int, encoder_length: int) -> torch.Tensor:
         layers, _, _, heads, _, head_dim = self.states.shape
-        shape = (layers, 2, self.capacity, heads, encoder_length, head_dim)
+        shape = (layers, 2, self.encoder_rows, heads, encoder_length, head_dim)
         return self.cross[: self._size(shape)].view(shape)[:, :, :rows]
 
     def mask_view(self, rows: int, encoder_length: int) -> torch.Tensor:
-        shape = (self.capacity, 1, 1, encoder_length)  # broadcast over heads and the one query
+        shape = (self.encoder_rows, 1, 1, encoder_length)  # broadcast over heads and the one query
         return self.encoder_mask[: self._size(shape)].view(shape)[:rows]
 
     @staticmethod
@@ -126,8 +135,10 @@ class StaticDecoder:
         self.buffers: _Buffers | None = None
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = None
-        # The generation under way: rows, beams, encoder length, whether cross states follow beams.
+        # The generation under way: rows, beams, rows per encoder-side row (beams where the cache holds
+        # the encoder's states once per image, else 1), encoder length, whether cross states follow beams.
         self.rows = self.beams = self.encoder_length = 0
+        self.encoder_group = 1
         self.masked = self.cross_follows_beams = False
 
     def fits(self, cache) -> bool:
@@ -159,25 +170,27 @@ class StaticDecoder:
         not follow the beams."""
         self_layers, cross_layers = cache.self_attention_cache.layers, cache.cross_attention_cache.layers
         rows, _, written, _ = self_layers[0].keys.shape
-        if beams != self.beams:  # per-image products recorded their split by an image's rows in the graphs
+        encoder_group = rows // cross_layers[0].keys.shape[0]
+        # Per-image products recorded their split by an image's rows in the graphs, the steps their
+        # encoder-side rows.
+        if (beams, encoder_group) != (self.beams, self.encoder_group):
             self.graphs.clear()
-        self.rows, self.beams = rows, beams
+        self.rows, self.beams, self.encoder_group = rows, beams, encoder_group
         self.encoder_length = cross_layers[0].keys.shape[2]
         self.cross_follows_beams = not cross_beams_alike
-        buffers = self._buffers_for(
-            image_bucket(rows // beams, self.buckets) * beams, cache_length, self.encoder_length
-        )
+        bucket = image_bucket(rows // beams, self.buckets) * beams
+        buffers = self._buffers_for(bucket, bucket // encoder_group, cache_length, self.encoder_length)
         for i, (own, cross) in enumerate(zip(self_layers, cross_layers, strict=True)):
             buffers.states[i, 0, :rows, :, :written] = own.keys
             buffers.states[i, 1, :rows, :, :written] = own.values
-            view = buffers.cross_view(rows, self.encoder_length)
+            view = buffers.cross_view(rows // encoder_group, self.encoder_length)
             view[i, 0].copy_(cross.keys)
             view[i, 1].copy_(cross.values)
         self.masked = encoder_mask is not None and not bool(encoder_mask.all())
         if self.masked:
             minimum = torch.finfo(buffers.logits.dtype).min
             additive = (1 - encoder_mask.to(buffers.logits.dtype)) * minimum
-            buffers.mask_view(rows, self.encoder_length).copy_(additive[:, None, None, :])
+            buffers.mask_view(rows // encoder_group, self.encoder_length).copy_(additive[:, None, None, :])
         buffers.ancestry.copy_(_own_rows(buffers.ancestry))
 
     @torch.inference_mode()
@@ -229,8 +242,9 @@ class StaticDecoder:
         minimum = torch.finfo(buffers.logits.dtype).min
         written = torch.arange(length, device=position.device) <= position
         self_mask = torch.where(written, 0.0, minimum).to(buffers.logits.dtype).view(1, 1, 1, length)
-        cross = buffers.cross_view(rows, encoder_length)
-        cross_mask = buffers.mask_view(rows, encoder_length) if masked else None
+        encoder = rows // self.encoder_group
+        cross = buffers.cross_view(encoder, encoder_length)
+        cross_mask = buffers.mask_view(encoder, encoder_length) if masked else None
         for i, layer in enumerate(decoder.layers):
             attention = layer.self_attn
             projections = (attention.k_proj, attention.v_proj)
@@ -249,23 +263,25 @@ class StaticDecoder:
     def _gather_rows(self, rows: torch.Tensor, with_ancestry: bool) -> None:
         """Row ``i`` of the cross-attention states (and mask, and ancestry) becomes row ``rows[i]``'s. The
         self-attention cache stays where it is: the ancestry says where each row's is."""
-        buffers, count = self.buffers, len(rows)
-        cross = buffers.cross_view(self.rows, self.encoder_length)
+        buffers = self.buffers
+        encoder, encoder_count = encoder_rows(rows, self.encoder_group), self.rows // self.encoder_group
+        cross = buffers.cross_view(encoder_count, self.encoder_length)
         for layer in cross:
-            _gather(layer, rows)
+            _gather(layer, encoder)
         if with_ancestry:
             _take_rows(buffers.ancestry, rows)
             if self.masked:
-                mask = buffers.mask_view(self.rows, self.encoder_length)
-                mask[:count] = mask[rows]
+                mask = buffers.mask_view(encoder_count, self.encoder_length)
+                mask[: len(encoder)] = mask[encoder]
 
     # -- buffers and graphs ------------------------------------------------------------------------
-    def _buffers_for(self, rows: int, cache_length: int, encoder_length: int) -> _Buffers:
+    def _buffers_for(self, rows: int, encoder_rows: int, cache_length: int, encoder_length: int) -> _Buffers:
         """The buffers, made anew (and every graph dropped) when these rows or lengths do not fit."""
         current = self.buffers
         if (
             current is not None
             and current.capacity >= rows
+            and current.encoder_rows >= encoder_rows
             and current.cache_length == cache_length
             and current.encoder_capacity >= encoder_length
         ):
@@ -273,18 +289,19 @@ class StaticDecoder:
         self.graphs.clear()
         self.buffers = self.pool = None  # the old memory is free before the new buffers take theirs
         capacity = max(rows, current.capacity if current else 0)
+        encoder_rows = max(encoder_rows, current.encoder_rows if current else 0)
         encoder_capacity = max(encoder_length, current.encoder_capacity if current else 0)
         attention = self.decoder.layers[0].self_attn
         weight = self.model.lm_head.weight
         layers, heads, head_dim = len(self.decoder.layers), attention.num_heads, attention.head_dim
         states = (layers, 2, capacity, heads, cache_length, head_dim)
-        cross = layers * 2 * capacity * heads * encoder_capacity * head_dim
+        cross = layers * 2 * encoder_rows * heads * encoder_capacity * head_dim
         on = {"device": weight.device}
         self.buffers = _Buffers(
-            capacity, cache_length, encoder_capacity,
+            capacity, encoder_rows, cache_length, encoder_capacity,
             states=torch.zeros(states, dtype=weight.dtype, **on),
             cross=torch.zeros(cross, dtype=weight.dtype, **on),
-            encoder_mask=torch.zeros(capacity * encoder_capacity, dtype=weight.dtype, **on),
+            encoder_mask=torch.zeros(encoder_rows * encoder_capacity, dtype=weight.dtype, **on),
             tokens=torch.full((capacity,), self.decoder.padding_idx or 0, dtype=torch.long, **on),
             ancestry=_own_rows(torch.empty((capacity, cache_length), dtype=torch.long, **on)).contiguous(),
             position=torch.zeros(1, dtype=torch.long, **on),

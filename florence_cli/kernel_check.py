@@ -38,6 +38,11 @@ def torch_equivalents() -> dict[str, Callable]:
     """PyTorch's computation of each ``florence_cli::`` operator, by name, from the same arguments."""
 
     def attention(query, key, value, mask, scale, causal):
+        group = query.shape[0] // key.shape[0]  # query rows per key row: an image's beams, its states
+        if group > 1:
+            key, value = key.repeat_interleave(group, 0), value.repeat_interleave(group, 0)
+            if mask is not None and mask.shape[0] * group == query.shape[0]:  # one per key row
+                mask = mask.repeat_interleave(group, 0)
         if causal:  # aligned at the end, as the kernel (and a cache) does: the last query sees every key
             queries, keys = query.shape[2], key.shape[2]
             mask = torch.ones(queries, keys, dtype=torch.bool, device=query.device).tril(keys - queries)

@@ -305,6 +305,8 @@ class FlorenceModel:
         encoder_states = encoder_outputs.last_hidden_state if self.products != "batched" else None
         if self.compact_beams:
             generation = {**generation, "custom_generate": compacting_beam_search}
+            # The invariant attention lets an image's beams read one copy of its encoder states (beam.py).
+            generation["shared_encoder_states"] = self.products == "invariant"
             if self.static_decoder is not None:
                 generation["static_decoder"] = self.static_decoder
         config = self.generation_config

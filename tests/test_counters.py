@@ -67,3 +67,18 @@ def test_florence_cli_operators_count_once_and_run_their_stand_in(florence_model
     assert (step.ops, step.weight_bytes) == (1, weight.numel() * weight.element_size())
     with pytest.raises(Unavailable, match="counters_probe_linear"), CostCounter(florence_model.model):
         torch.ops.florence_cli.counters_probe_linear(hidden, weight)
+
+
+def test_invariant_steps_read_each_image_encoder_states_once_for_its_beams(florence_model):
+    """The key/value-cache bytes of a step: in batched products each beam's cross-attention reads its own
+    copy of the encoder's states; in invariant products one copy per image serves its 3 beams. The
+    self-attention caches (a beam's own tokens) are the same in both."""
+    batched = mode_cost(florence_model, "batched", 4, "<OD>", GENERATION)
+    invariant = mode_cost(florence_model, "invariant", 4, "<OD>", GENERATION)
+    config = florence_model.model.config.text_config
+    prompt = len(florence_model.prompt_ids("<OD>"))
+    # Keys and values of every decoder layer over the prompt, fp32: one image's copy.
+    copy = config.decoder_layers * 2 * prompt * config.d_model * 4
+    assert batched.kv_bytes - invariant.kv_bytes == pytest.approx((3 - 1) * copy)
+    assert invariant.kv_bytes > copy  # the one copy, and the self-attention caches
+    assert invariant.weight_bytes == batched.weight_bytes

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 import triton.language as tl
 from triton.runtime import interpreter
 
-from florence_cli import invariant
+from florence_cli import beam, invariant
 from florence_cli.cli import main
 from florence_cli.graphs import StaticDecoder
 from florence_cli.model import FlorenceModel
@@ -144,6 +144,27 @@ def test_decoding_steps_attend_with_the_same_bits_in_a_batch_of_1_7_or_64():
         assert torch.equal(cross[part], alone), row
 
 
+def test_beams_over_one_key_row_attend_with_the_bits_of_their_own_copies():
+    """Query rows grouped over one key row — an image's 3 beams over its encoder states, one query each,
+    with its padding mask (boolean or added; one per image, or one per beam) — give the bits of each row
+    attending over its own copy, as transformers' cache lays them out."""
+    q, _, _ = _qkv(6, 2, 1, 70)
+    _, k, v = _qkv(2, 2, 1, 70, seed=1)
+    k_copies, v_copies = k.repeat_interleave(3, 0), v.repeat_interleave(3, 0)
+    allowed = (torch.arange(70)[None, :] < torch.tensor([70, 40])[:, None])[:, None, None, :]
+    added = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    attention = torch.ops.florence_cli.bi_attention
+    assert torch.equal(
+        attention(q, k, v, None, 0.25, False), attention(q, k_copies, v_copies, None, 0.25, False)
+    )
+    for mask in (allowed, added):
+        per_beam = mask.repeat_interleave(3, 0)
+        expected = attention(q, k_copies, v_copies, per_beam, 0.25, False)
+        assert torch.equal(attention(q, k, v, mask, 0.25, False), expected)
+        assert torch.equal(attention(q, k, v, per_beam, 0.25, False), expected)
+    _close(expected, _sdpa(q, k_copies, v_copies, allowed.repeat_interleave(3, 0)), torch.float32)
+
+
 @pytest.mark.parametrize("cached", [0, 5])
 def test_causal_attention_aligns_the_last_query_with_the_last_key(cached):
     """Teacher-forced decoding (several queries, no mask: SDPA's causal case), after ``cached`` keys."""
@@ -153,15 +174,44 @@ def test_causal_attention_aligns_the_last_query_with_the_last_key(cached):
     _close(found, _sdpa(q, k, v, mask=allowed), torch.float32)
 
 
+def test_offsets_past_2_to_the_31_are_computed_in_64_bits(monkeypatch):
+    """Rows × stride passes 2^31 in large batches (fc1's inputs at ~870 images of 600-token prompts), so
+    the kernels compute offsets in 64 bits: 32-bit ones wrapped around and read other rows. Here the
+    interpreter's overflow check is on, which stops a kernel at any 32-bit offset past 2^31. A block's
+    rows, queries or keys past the last compute their offsets too, so one row, query or key with a huge
+    stride (any stride is legal for a dimension of size 1) takes a block's offsets past 2^31."""
+    builder = interpreter.interpreter_builder
+    monkeypatch.setattr(
+        builder, "options", dataclasses.replace(builder.options, sanitize_overflow=True, debug=True)
+    )
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 80, generator=generator)
+    weight, bias = torch.randn(136, 80, generator=generator), torch.randn(136, generator=generator)
+    far = x.as_strided((1, 80), (2**26, 1))  # a 64-row tile's last row: 63 × 2^26 elements on
+    linear = torch.ops.florence_cli.bi_linear
+    assert torch.equal(linear(far, weight, bias), linear(x, weight, bias))
+    q, k, v = _qkv(1, 1, 1, 1)
+    mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+    # 16 queries or 32 keys in a block: the last 15 or 31 × 2^28 elements on.
+    far_q, far_k, far_v = (t.as_strided(t.shape, (16, 16, 2**28, 1)) for t in (q, k, v))
+    far_mask = mask.as_strided(mask.shape, (1, 1, 2**28, 2**28))
+    attention = torch.ops.florence_cli.bi_attention
+    found = attention(far_q, far_k, far_v, far_mask, 0.25, False)
+    assert torch.equal(found, attention(q, k, v, mask, 0.25, False))
+
+
 class _Dispatched(TorchDispatchMode):
-    """Names the operators dispatched while it is active."""
+    """Names the operators dispatched while it is active, and the (query rows, key rows) of each attention."""
 
     def __init__(self):
         super().__init__()
         self.names: set[str] = set()
+        self.attention_rows: set[tuple[int, int]] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.add(func.name())
+        if func.name() == "florence_cli::bi_attention":
+            self.attention_rows.add((args[0].shape[0], args[1].shape[0]))
         return func(*args, **(kwargs or {}))
 
 
@@ -218,6 +268,36 @@ def test_static_steps_give_the_plain_invariant_steps_bits(small_invariant, monke
     attended = [length for _, length, *_ in steps.shapes]
     assert any(length > position + 1 for length, position in zip(attended, steps.positions, strict=True))
     assert static.masked
+
+
+def test_beams_read_one_copy_of_their_image_encoder_states(small_invariant, monkeypatch):
+    """Invariant products keep an image's encoder states, their mask and its cross-attention cache once
+    for all its beams: a step's cross-attention reads one key row per image for its 3 beams' queries. Every
+    step's logits are the bits of transformers' layout (a copy per beam), in plain and static steps."""
+    model = small_invariant
+    size = model.resize_spec.size
+    pixels = [np.asarray(random_image(s).resize(size, Image.Resampling.BICUBIC)) for s in range(3)]
+    features = model.image_features(model.pixel_values(pixels))
+    prompts = ["<OD>", "<CAPTION>", "<OCR>"]  # three lengths: the encoder's mask is in play
+    settings = {"num_beams": 3, "max_new_tokens": 6}
+    steps = Steps(monkeypatch)
+    with _Dispatched() as seen:
+        shared, shared_logits = steps.generate(model, features, prompts, settings)
+    assert (9, 3) in seen.attention_rows  # 3 images × 3 beams of queries, 3 rows of keys
+    static = StaticDecoder(model.model, buckets=(4,))
+    static_answers, static_logits = steps.generate(model, features, prompts, settings, static)
+    assert static.encoder_group == 3 and static.buffers.encoder_rows == 4
+    one_per_image = beam._BeamSearch.__init__
+    monkeypatch.setattr(
+        beam._BeamSearch, "__init__", lambda search, *args: one_per_image(search, *args[:-1], False)
+    )
+    with _Dispatched() as seen:
+        per_beam, per_beam_logits = steps.generate(model, features, prompts, settings)
+    assert (9, 3) not in seen.attention_rows
+    assert shared == per_beam == static_answers
+    for logits in (shared_logits, static_logits):
+        assert len(logits) == len(per_beam_logits)
+        assert all(torch.equal(a, b) for a, b in zip(logits, per_beam_logits, strict=True))
 
 
 def test_cli_names_invariant_products_and_refuses_them_where_they_cannot_run(
