@@ -84,11 +84,20 @@ def test_viz_goes_on_after_a_missing_image_and_names_it(tmp_path):
     out = tmp_path / "viz"
     result = CliRunner().invoke(viz, [str(coco), "--images", str(images), "-o", str(out), "--html"])
     assert result.exit_code == 1
-    missing = f"{images / 'a.png'}: FileNotFoundError: No such file or directory"
+    missing = f"{images / 'a.png'}: No such file or directory"
     assert f"Failed: {missing}\n" in result.output
     assert f"Error: 1 of 2 images could not be drawn, first {missing}\n" in result.output
     assert (out / "sub" / "b.png").is_file() and not (out / "a.png").exists()
     assert "a.png<br>" in (out / "index.html").read_text(encoding="utf-8")
+
+
+def test_viz_with_a_folder_holding_none_of_the_images_is_one_line(tmp_path):
+    coco, _ = make_inputs(tmp_path, names=())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = CliRunner().invoke(viz, [str(coco), "--images", str(elsewhere), "-o", str(tmp_path / "viz")])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert result.output.startswith(f"Error: none of the 2 images of {coco} is in {elsewhere}")
 
 
 def test_viz_reports_malformed_json_and_size_mismatch(tmp_path):

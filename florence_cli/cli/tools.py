@@ -81,6 +81,11 @@ def viz(
 ) -> None:
     """Draw the boxes, polygons and OCR quads of COCO_JSON on its images, one file per image."""
     dataset = _load(coco_json)
+    if dataset.images and not any((images / record.file_name).is_file() for record in dataset.images):
+        raise click.ClickException(
+            f"none of the {len(dataset.images)} images of {coco_json} is in {images} (such as "
+            f"{images / dataset.images[0].file_name}): give --images the folder that was annotated"
+        )
     drawing = render_viz(dataset, images, output, text_dirs, html_index, font)
     with click.progressbar(
         drawing, length=len(dataset.images), label="Drawing", file=click.get_text_stream("stderr")
