@@ -47,9 +47,12 @@ def output_files(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in files}
 
 
-def kill_mid_run(command: list[str], journal: Path, min_lines: int, env: dict | None = None) -> int:
+def kill_mid_run(
+    command: list[str], journal: Path, min_lines: int, env: dict | None = None, stdin: bytes | None = None
+) -> int:
     """Start ``command`` (in ``env``), ``kill -9`` it once its journal holds ``min_lines`` lines; return
-    how many."""
+    how many. With ``stdin`` (some of the paths a ``-`` input reads), the pipe stays open until the kill:
+    the run waits for more paths, so the kill lands mid-run whatever the machine's load."""
     import os
     import signal
     import subprocess
@@ -57,10 +60,16 @@ def kill_mid_run(command: list[str], journal: Path, min_lines: int, env: dict | 
 
     # stderr to a file: a pipe nobody reads fills up with a chatty run's warnings and stalls it
     with tempfile.TemporaryFile() as stderr:
-        process = subprocess.Popen(command, stderr=stderr, env=env)
-    wait_until(lambda: process.poll() is not None or line_count(journal) >= min_lines, timeout_s=120)
+        feed = subprocess.PIPE if stdin is not None else None
+        process = subprocess.Popen(command, stdin=feed, stderr=stderr, env=env)
+    if stdin is not None:
+        process.stdin.write(stdin)
+        process.stdin.flush()
+    wait_until(lambda: process.poll() is not None or line_count(journal) >= min_lines, timeout_s=300)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
+    if stdin is not None:
+        process.stdin.close()
     return line_count(journal)
 
 

@@ -157,13 +157,15 @@ def _cli(model, folder, out, *extra):
 
 
 def test_kill_9_then_rerun_gives_the_uninterrupted_output(tiny_model, tmp_path):
-    folder = tmp_path / "many"
-    write_images(folder, 24)
+    paths = [bytes(path) + b"\n" for path in write_images(tmp_path / "many", 12)]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
-    subprocess.run(_cli(tiny_model, folder, clean), check=True, capture_output=True)
-    done_before = kill_mid_run(_cli(tiny_model, folder, killed), killed / ".florence" / "journal.jsonl", 6)
-    assert 0 < done_before < 48, "the kill must land mid-run"
-    rerun = subprocess.run(_cli(tiny_model, folder, killed), capture_output=True, text=True)
+    everything = b"".join(paths)
+    subprocess.run(_cli(tiny_model, "-", clean), input=everything, check=True, capture_output=True)
+    # 9 paths: the first batch of 3 is journaled, then the run waits for paths that never come
+    journal = killed / ".florence" / "journal.jsonl"
+    done_before = kill_mid_run(_cli(tiny_model, "-", killed), journal, 6, stdin=b"".join(paths[:9]))
+    assert 6 <= done_before < 24
+    rerun = subprocess.run(_cli(tiny_model, "-", killed), input=everything, capture_output=True)
     assert rerun.returncode == 0, rerun.stderr
     assert output_files(killed) == output_files(clean)
 
