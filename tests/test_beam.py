@@ -68,6 +68,7 @@ def decoder_batch_sizes(model: FlorenceModel, run) -> list[int]:
     return sizes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", ["<OD>", "<CAPTION>", "<OCR>"])
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_compacted_batch_equals_one_image_at_a_time(varied, features, prompt, setting):

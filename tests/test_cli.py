@@ -129,6 +129,7 @@ def test_stdin_paths_and_jsonl_on_stdout(tiny_model, folder, tmp_path):
     assert result.stderr == ""
 
 
+@pytest.mark.slow
 def test_resume_skips_done_work_and_overwrite_redoes_it(tiny_model, folder, tmp_path):
     out = tmp_path / "out"
     first = _annotate(tiny_model, str(folder), "-t", "OD", "-o", str(out), "--workers", "0")
@@ -156,6 +157,7 @@ def _cli(model, folder, out, *extra):
             "--max-new-tokens", str(MAX_NEW_TOKENS), *extra]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_gives_the_uninterrupted_output(tiny_model, tmp_path):
     paths = [bytes(path) + b"\n" for path in write_images(tmp_path / "many", 12)]
     clean, killed = tmp_path / "clean", tmp_path / "killed"

@@ -418,6 +418,7 @@ def _feed(process: subprocess.Popen, paths: list[Path]) -> None:
     process.stdin.flush()
 
 
+@pytest.mark.slow
 def test_a_closed_stdout_ends_the_run_quietly_with_what_was_done_journaled(tiny_model, tmp_path):
     paths = write_images(tmp_path / "imgs", 8)
     out = tmp_path / "out"
@@ -443,6 +444,7 @@ def test_a_closed_stdout_ends_the_run_quietly_with_what_was_done_journaled(tiny_
     assert rerun.returncode == 0 and len(_journal(out)) == 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("stop", "code"), [("ctrl-c", 130), ("SIGTERM", 143)])
 def test_a_stopped_run_leaves_files_that_agree_with_the_journal(tiny_model, tmp_path, stop, code):
     paths = write_images(tmp_path / "imgs", 16)
@@ -500,6 +502,7 @@ def _session_processes(session: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
 def test_decode_processes_end_with_a_run_killed_by_sigkill(tiny_model, tmp_path):
     folder = tmp_path / "imgs"

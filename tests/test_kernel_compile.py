@@ -35,6 +35,7 @@ def compiled() -> list[dict]:
     return results
 
 
+@pytest.mark.slow
 def test_every_kernel_compiles_for_sm_80_and_sm_90_without_spills(compiled):
     failed = {f"sm_{r['arch']} {r['sites'][0]}": failures(r) for r in compiled if failures(r)}
     assert not failed
