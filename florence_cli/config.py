@@ -148,6 +148,9 @@ class RunConfig:
     overwrite: bool = False
     jsonl: str | None = None  # also stream answers here ("-": standard output)
     parquet: bool = False  # also write OUT/<task>.parquet (rebuilt from the journal at the end)
+    per_shard: bool = False  # write each tar shard's answers to OUT/<shard>.<task>.parquet once it is done
+    upload: str | None = None  # a URL the output folder's finished files are put under (``storage``)
+    storage_options: dict | None = None  # keyword arguments of every fsspec file system (``storage``)
     progress: bool = False
     shard: Shard | None = None
     captions: CaptionOptions = field(default_factory=CaptionOptions)

@@ -28,6 +28,8 @@ from .jobs import Job, TaskRequest, WorkItem, plan_jobs, requests_identity
 from .journal import ShardProgress, work_key
 from .outdir import OutputFolder, describe_os_error, stops_the_run
 from .records import Answer, ImageFailure, ItemResult, counted
+from .shardfiles import ShardFiles
+from .storage import StorageError, upload, use_options
 from .tarshards import ShardEnd
 from .tasks import resolve_task
 from .writers import JsonlSink, StdoutClosed
@@ -127,7 +129,7 @@ def preflight(
 
     1. the options themselves, and against the tasks: batch size, decode processes, caption files
        (``OptionError``);
-    2. ``parquet`` without pyarrow (``ImportError``);
+    2. ``parquet`` or ``per_shard`` without pyarrow (``ImportError``);
     3. ``captions.hf_metadata`` without one input folder (``OptionError``);
     4. the checkpoint, without its weights: found, usable, on a device there is, and holding every text
        and ``generation.max_new_tokens`` (``engine.check``: ``ModelLoadError``, ``TaskError``);
@@ -137,8 +139,9 @@ def preflight(
        paths on standard input are checked as they come).
     """
     config.check()
+    use_options(config.storage_options)
     task = caption_task(config.captions, [request.task for request in requests])
-    if config.parquet:
+    if config.parquet or config.per_shard:
         require_pyarrow()
     root = metadata_folder(inputs) if task and config.captions.hf_metadata else None
     model_id = engine.check(requests, config.generation.max_new_tokens)
@@ -226,6 +229,12 @@ class _Run:
         self.sink = JsonlSink(config.jsonl) if config.jsonl else None
         self.bar = _progress_bar(config.progress)
         self.captioned_earlier: dict[str, ImageRef] = {}  # images whose caption comes from the journal
+        tasks = list(dict.fromkeys(r.task for r in requests))
+        self.shard_files = (
+            ShardFiles(self.folder.path, tasks, self.folder.journal, config.upload)
+            if config.per_shard
+            else None
+        )
 
     def execute(self, inputs: Iterable[Input], stdin_lines: Iterable[str], engine: Engine) -> RunSummary:
         """Feed ``engine`` the work not done yet and write what comes back; stops cleanly on SIGINT,
@@ -369,7 +378,10 @@ class _Run:
                 )  # fmt: skip
         try:
             self.folder.journal.append(journaled)
-            self.shards.returned((result.item for result in results), {a.file for a in journaled})
+            if self.shard_files:
+                self.shard_files.add(journaled)
+            items = (result.item for result in results)
+            self.shards.returned(items, {a.file for a in journaled}, self._finish_shard)
         except OSError as exc:
             raise _OutputStopped(_cannot_write(self.folder.journal.path, exc)) from exc
         self.summary.annotated += answered
@@ -382,13 +394,28 @@ class _Run:
             except OSError as exc:  # (a closed stdout is StdoutClosed, no OSError: it ends the run quietly)
                 raise _OutputStopped(_cannot_write(self.sink.target, exc)) from exc
 
+    def _finish_shard(self, name: str) -> bool:
+        """A tar shard's samples are all back: write its own files (``per_shard``). One that cannot be
+        written or uploaded fails the shard (a later run writes them), and the run goes on."""
+        if self.shard_files is None:
+            return True
+        try:
+            self.shard_files.finish(name)
+        except StorageError as exc:
+            self.fail(ImageFailure(name, str(exc)))
+            return False
+        except OSError as exc:
+            self._cannot_write_for(name, exc)
+            return False
+        return True
+
     def close(self) -> None:
-        """Sort the errors log, rebuild the COCO files from everything the journal holds, and release the
-        folder."""
+        """Sort the errors log, rebuild the COCO files from everything the journal holds, upload them where
+        asked, and release the folder."""
         if self.bar is not None:
             self.bar.close()
         try:
-            self.shards.commit()  # shards whose samples were all done before this run
+            self.shards.commit(self._finish_shard)  # shards whose samples were all done before this run
         except OSError as exc:
             self.summary.output_error = _cannot_write(self.folder.journal.path, exc)
         self.folder.journal.close()
@@ -404,6 +431,10 @@ class _Run:
                 self.folder.rebuild_files(coco, self.config.model.name, parquet, answers)
                 if self.captions and self.captions.metadata_root:
                     self.captions.write_metadata(answers(None))
+            if self.config.upload:
+                rebuilt = [f"{task.slug}.json" for task, _ in coco] + [f"{t.slug}.parquet" for t in parquet]
+                for name in [*rebuilt, "errors.jsonl"]:
+                    upload(str(self.folder.path / name), f"{self.config.upload.rstrip('/')}/{name}")
         except _OutputStopped as exc:
             self.summary.output_error = str(exc)
         except OSError as exc:
