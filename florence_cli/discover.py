@@ -248,7 +248,7 @@ def _expand_url(
 
 def _storage_reason(exc: StorageError) -> str:
     """A storage failure as an input's reason (the input is named already: its line need not repeat it)."""
-    return "no such file or directory" if exc.missing else str(exc).rpartition(": ")[2]
+    return "no such file or directory" if exc.missing else exc.reason
 
 
 def _pipe_shard(

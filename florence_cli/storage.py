@@ -28,9 +28,11 @@ PIPE = "pipe:"
 RETRIES = 5  # tries after the first, for a throttled or dropped request
 BACKOFF_S = 0.2  # the first wait; doubled each time, with jitter
 HEADER_BLOCK = 1 << 20  # read-ahead while listing a shard's headers: one request per MiB, not per header
-# The package each scheme needs, and the extra that installs it.
-_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
-             "abfss": "adlfs", "http": "aiohttp", "https": "aiohttp"}  # fmt: skip
+# The package each scheme needs, and the extra of florence-cli that installs it.
+_PACKAGES = {"s3": ("s3fs", "storage"), "s3a": ("s3fs", "storage"), "gs": ("gcsfs", "gcs"),
+             "gcs": ("gcsfs", "gcs"), "az": ("adlfs", "azure"), "abfs": ("adlfs", "azure"),
+             "abfss": ("adlfs", "azure"), "http": ("aiohttp", "storage"),
+             "https": ("aiohttp", "storage")}  # fmt: skip
 # Transient failures by class name, wherever they come from (botocore, aiohttp, urllib3): the store is
 # busy or the connection dropped; anything else (no such object, access denied) is not retried.
 _TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
@@ -42,11 +44,12 @@ T = TypeVar("T")
 
 
 class StorageError(OSError):
-    """A URL that cannot be read or written as asked; the message is one line. ``missing``: the store says
-    there is no such bucket or object."""
+    """A URL that cannot be read or written as asked: ``what`` (the URL), the one-line ``reason``, and
+    whether the store says there is no such bucket or object (``missing``)."""
 
-    def __init__(self, message: str, missing: bool = False):
-        super().__init__(message)
+    def __init__(self, what: str, reason: str, missing: bool = False):
+        super().__init__(f"{what}: {reason}")
+        self.reason = reason
         self.missing = missing
 
 
@@ -61,34 +64,47 @@ def is_pipe(path: str) -> bool:
 
 def use_options(options: dict | None) -> None:
     """Give every file system built from now on (here and in decode processes, which inherit the
-    environment) these keyword arguments: an endpoint, a profile, a token …"""
+    environment) these keyword arguments: an endpoint, a profile, a token … Called at the start of each
+    run, it also forgets the file systems of earlier runs, and with them what they cached of the store
+    (an object replaced since is seen as it is now)."""
+    _FILESYSTEMS.clear()
     if options:
         os.environ[OPTIONS_ENV] = json.dumps(options)
     else:
         os.environ.pop(OPTIONS_ENV, None)
 
 
+_FILESYSTEMS: dict[str, object] = {}  # this run's, by scheme
+
+
 def filesystem(url: str):
-    """The fsspec file system of ``url`` and the object's path in it."""
+    """The fsspec file system of ``url`` (one per scheme and run) and the object's path in it."""
     try:
         import fsspec.core
     except ImportError:
-        raise StorageError(_missing(url, "fsspec")) from None
-    options = json.loads(os.environ.get(OPTIONS_ENV, "{}"))
-    try:
-        return fsspec.core.url_to_fs(url, **options)
-    except ImportError:
-        raise StorageError(_missing(url, _PACKAGES.get(_scheme(url), "its fsspec backend"))) from None
-    except (ValueError, TypeError) as exc:
-        raise StorageError(f"cannot open {url}: {exc}") from None
+        raise StorageError(url, _missing(url)) from None
+    scheme = _scheme(url)
+    fs = _FILESYSTEMS.get(scheme)
+    if fs is None:
+        options = json.loads(os.environ.get(OPTIONS_ENV, "{}"))
+        try:
+            fs = fsspec.core.url_to_fs(url, skip_instance_cache=True, **options)[0]
+        except ImportError:
+            raise StorageError(url, _missing(url)) from None
+        except (ValueError, TypeError) as exc:
+            raise StorageError(url, f"cannot open it: {exc}") from None
+        _FILESYSTEMS[scheme] = fs
+    return fs, fs._strip_protocol(url)
 
 
 def _scheme(url: str) -> str:
     return url.split("://", 1)[0].lower()
 
 
-def _missing(url: str, package: str) -> str:
-    return f"reading {_scheme(url)}:// URLs needs {package}: pip install 'florence-cli[storage]'"
+def _missing(url: str) -> str:
+    """What to install for ``url`` (fsspec comes with each extra)."""
+    package, extra = _PACKAGES.get(_scheme(url), ("its fsspec implementation", "storage"))
+    return f"{_scheme(url)}:// URLs need fsspec and {package}: pip install 'florence-cli[{extra}]'"
 
 
 def retried(action: Callable[[], T], what: str) -> T:
@@ -99,8 +115,7 @@ def retried(action: Callable[[], T], what: str) -> T:
             return action()
         except Exception as exc:
             if not is_transient(exc) or attempt == RETRIES:
-                missing = isinstance(exc, FileNotFoundError)
-                raise StorageError(f"{what}: {describe(exc)}", missing) from None
+                raise StorageError(what, describe(exc), isinstance(exc, FileNotFoundError)) from None
         # Full jitter: many workers throttled at once do not come back at once.
         time.sleep(random.uniform(0, BACKOFF_S * 2**attempt))
     raise AssertionError("unreachable")
