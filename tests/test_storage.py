@@ -228,3 +228,18 @@ def _has(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def test_shards_of_a_split_merge_into_the_per_shard_files_of_one_run(tmp_path):
+    from florence_cli.config import Shard
+    from florence_cli.merge import merge
+
+    tars = [str(_dataset(tmp_path, "d") / f"shards/0000{n}.tar") for n in range(2)]
+    _run(tars, tmp_path / "whole", FakeEngine(), per_shard=True, parquet=True)
+    for index in range(3):
+        _run(
+            tars, tmp_path / f"part{index}", FakeEngine(), per_shard=True, parquet=True, shard=Shard(index, 3)
+        )
+    merge([tmp_path / f"part{index}" for index in range(3)], tmp_path / "merged")
+    whole, merged = output_files(tmp_path / "whole"), output_files(tmp_path / "merged")
+    assert merged == whole and sum(name.endswith(".od.parquet") for name in whole) == 2
