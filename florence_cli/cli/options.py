@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -15,11 +16,13 @@ class Refusal(click.ClickException):
 
 def quiet_libraries(quiet: bool) -> None:
     """``-q``: no Hub download bars either (transformers' own bars and advice are kept off stderr where
-    models load, ``model._loading``)."""
+    models load, ``model._loading``), nor the error lines Ray's C++ core writes to stderr as a local Ray
+    shuts down (``core_worker.cc … E``; Ray's own failures still reach the user as one line)."""
     if quiet:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # read when Ray starts its processes
 
 
 def echo_err(message: str) -> None:

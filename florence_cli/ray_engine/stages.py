@@ -25,6 +25,7 @@ from ..device_errors import DeviceFailure
 from ..engine import batches
 from ..jobs import Job, WorkItem
 from ..records import Answer, ImageFailure
+from ..storage import is_url
 from ..tarshards import Member
 from .cluster import RayEngineError
 
@@ -63,10 +64,14 @@ def batch_rows(work: list[WorkItem], indices: list[int], size: int) -> list[Batc
 
 def _source(item: WorkItem) -> str | Member:
     """Where a worker reads the image: the driver's paths, made absolute (a worker's working directory is
-    not the driver's)."""
+    not the driver's); a URL as it is, so that workers read from the store, with no shared file system."""
     if item.member is None:
-        return os.path.abspath(item.path)
-    return replace(item.member, tar=os.path.abspath(item.member.tar))
+        return _absolute(item.path)
+    return replace(item.member, tar=_absolute(item.member.tar))
+
+
+def _absolute(path: str) -> str:
+    return path if is_url(path) else os.path.abspath(path)
 
 
 def read_groups(rows: list[BatchRow]) -> list[list[BatchRow]]:
