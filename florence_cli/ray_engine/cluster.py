@@ -12,7 +12,6 @@ import ray
 import ray.exceptions
 
 from ..engine import EngineError
-from ..storage import OPTIONS_ENV
 
 
 class RayEngineError(EngineError):
@@ -29,17 +28,10 @@ def join(address: str | None) -> bool:
         _check_reachable(address)
         if address:
             _present_token_at_hand()
-        ray.init(address=address or "local", logging_level=logging.ERROR, runtime_env=_runtime_env(), **local)
+        ray.init(address=address or "local", logging_level=logging.ERROR, **local)
     except (OSError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as exc:
         raise RayEngineError(_cannot_join(address, exc)) from None
     return True
-
-
-def _runtime_env() -> dict:
-    """What workers need of the driver's environment: the run's storage options (the store's credentials
-    come from each node's own standard places)."""
-    options = os.environ.get(OPTIONS_ENV)
-    return {"env_vars": {OPTIONS_ENV: options}} if options else {}
 
 
 def alive_nodes() -> list[dict[str, float]]:
