@@ -243,3 +243,43 @@ def test_shards_of_a_split_merge_into_the_per_shard_files_of_one_run(tmp_path):
     merge([tmp_path / f"part{index}" for index in range(3)], tmp_path / "merged")
     whole, merged = output_files(tmp_path / "whole"), output_files(tmp_path / "merged")
     assert merged == whole and sum(name.endswith(".od.parquet") for name in whole) == 2
+
+
+def test_retries_are_bounded_and_only_for_what_may_pass():
+    calls = []
+
+    def flaky(error):
+        def action():
+            calls.append(error)
+            raise error
+
+        return action
+
+    cases = [(ConnectionResetError(104, "Connection reset by peer"), storage.RETRIES + 1),
+             (OSError(16, "Please reduce your request rate"), storage.RETRIES + 1),
+             (FileNotFoundError(2, "NoSuchKey"), 1), (PermissionError(13, "AccessDenied"), 1)]  # fmt: skip
+    for error, tries in cases:
+        calls.clear()
+        with pytest.raises(storage.StorageError) as failed:
+            storage.retried(flaky(error), "s3://b/k")
+        assert len(calls) == tries
+        assert str(failed.value).startswith("s3://b/k: ") and "\n" not in str(failed.value)
+    assert failed.value.reason == "access denied"
+    outcomes = iter([TimeoutError("read timed out"), b"data"])
+
+    def then_passes():
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    assert storage.retried(then_passes, "s3://b/k") == b"data"
+
+
+def test_urls_and_identities():
+    assert storage.is_url("s3://b/k.tar") and storage.is_url("pipe:cat a.tar") and storage.is_url("file:///a")
+    assert not storage.is_url("shards/00000.tar") and not storage.is_url("c:\\x.tar")
+    assert storage.object_name("s3://data/shards/00000.tar") == "data/shards/00000.tar"
+    assert storage.identity_from({"size": 5, "ETag": '"abc"'}) == '5:ETag="abc"'
+    assert storage.identity_from({"size": 5, "generation": 7, "etag": "x"}) == "5:generation=7"
+    assert storage.identity_of("pipe:cat a.tar") == "stream"
