@@ -238,7 +238,7 @@ def _expand_url(
                 claimed = Path(prefix, relative).as_posix()
                 yield seen.claim(object_url, claimed, object_url, identity=identity_from(details))
     elif is_tar_name(url):
-        yield from _shard(url, shard_stem(object_name(url)) if name is None else name, seen)
+        yield from _shard(url, shard_stem(object_name(url)) if name is None else name, seen, found)
     elif not is_image_name(url):
         yield _not_an_image(url)
     else:
@@ -267,22 +267,25 @@ def _pipe_shard(
     yield from _shard(command, name, seen)
 
 
-def _shard(path: str, shard: str, seen: _Seen) -> Iterator[ImageRef | InputError | Duplicate | ShardEnd]:
-    """A tar shard's samples, then its ``ShardEnd``; not opened when an earlier run finished it."""
+def _shard(
+    path: str, shard: str, seen: _Seen, info: dict | None = None
+) -> Iterator[ImageRef | InputError | Duplicate | ShardEnd]:
+    """A tar shard's samples, then its ``ShardEnd``; not opened when an earlier run finished it.
+    ``info``: what the store said of it (asked once: its identity and size come from it)."""
     real = path if is_url(path) else os.path.realpath(path)
     file = short_digest(os.fsencode(real))
     if file in seen.files:
         yield Duplicate(printable(path))
         return
     seen.files.add(file)
-    identity = identity_of(path)
+    identity = identity_from(info) if info else identity_of(path)
     done = seen.finished(identity, shard) if seen.finished else None
     if done is not None:
         yield ShardEnd(path, shard, clean=True, skipped=done, identity=identity)
         return
     clean, listed = True, 0
     try:
-        for key, member in samples(path, shard):
+        for key, member in samples(path, shard, info.get("size") if info else None):
             listed += 1
             name = f"{shard}/{key}"
             if member is None:

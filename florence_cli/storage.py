@@ -190,10 +190,12 @@ def read_all(url: str) -> bytes:
     return retried(lambda: fs.cat_file(path), url)
 
 
-def open_headers(url: str):
-    """The object at ``url`` opened to read front to back by ranges, a MiB ahead at a time."""
+def open_headers(url: str, size: int | None = None):
+    """The object at ``url`` opened to read front to back by ranges, a MiB ahead at a time (``size``:
+    its size, where the store said it already)."""
     fs, path = filesystem(url)
-    return retried(lambda: fs.open(path, "rb", block_size=HEADER_BLOCK, cache_type="readahead"), url)
+    known = {"size": size} if size is not None else {}
+    return retried(lambda: fs.open(path, "rb", block_size=HEADER_BLOCK, cache_type="readahead", **known), url)
 
 
 def glob(pattern: str) -> list[str]:

@@ -82,8 +82,9 @@ def split_name(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
-def samples(tar: str, shard: str) -> Iterator[tuple[str, Member | None]]:
-    """Each sample's key and image member (None: it has none), in the tar's order.
+def samples(tar: str, shard: str, size: int | None = None) -> Iterator[tuple[str, Member | None]]:
+    """Each sample's key and image member (None: it has none), in the tar's order (``size``: an object's,
+    where the store said it already).
 
     A shard that can only be read front to back (``pipe:``, gzip-compressed) has its images' bytes read
     here, as they pass, and carried in their members; any other is read by ranges later.
@@ -92,8 +93,8 @@ def samples(tar: str, shard: str) -> Iterator[tuple[str, Member | None]]:
     """
     key, extensions, image = None, set(), None
     try:
-        with open_shard(tar) as (file, end):
-            for name, offset, size in _members_of(file, end):
+        with open_shard(tar, size) as (file, end):
+            for name, offset, length in _members_of(file, end):
                 split = split_name(name)
                 if split is None:
                     continue
@@ -103,8 +104,8 @@ def samples(tar: str, shard: str) -> Iterator[tuple[str, Member | None]]:
                     key, extensions, image = split[0], set(), None
                 extensions.add(split[1])
                 if image is None and split[1] in IMAGE_EXTENSIONS:
-                    data = file.read(size) if end is None else None  # a stream: now or never
-                    image = Member(tar, offset, size, shard, data=data)
+                    data = file.read(length) if end is None else None  # a stream: now or never
+                    image = Member(tar, offset, length, shard, data=data)
     except ShardError:
         if key is not None:
             yield key, image
@@ -125,15 +126,16 @@ def members(tar: str) -> Iterator[tuple[str, int, int]]:
 
 
 @contextmanager
-def open_shard(tar: str) -> Iterator[tuple[BinaryIO, int | None]]:
-    """A shard opened to read front to back, and its size; None: a stream (``pipe:``, gzip), which
-    cannot seek back. Failures to open or read are ``ShardError``s."""
+def open_shard(tar: str, size: int | None = None) -> Iterator[tuple[BinaryIO, int | None]]:
+    """A shard opened to read front to back, and its size (an object's, if known: not asked again);
+    None: a stream (``pipe:``, gzip), which cannot seek back. Failures to open or read are
+    ``ShardError``s."""
     try:
         with ExitStack() as stack:
             if is_pipe(tar):
                 file, end = stack.enter_context(_piped(tar[len(PIPE) :])), None
             elif is_url(tar):
-                file = stack.enter_context(open_headers(tar))
+                file = stack.enter_context(open_headers(tar, size))
                 end = file.size
             else:
                 file = stack.enter_context(open(tar, "rb"))
