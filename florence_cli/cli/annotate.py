@@ -18,7 +18,7 @@ import click
 from ..config import PRODUCTS
 from ..discover import printable
 from ..tasks import OptionError, TaskError, worded
-from .options import Refusal, echo_err, quiet_libraries
+from .options import Refusal, echo_err, quiet_libraries, quiet_native_stderr
 
 
 def _shard(ctx, param, value: str | None):
@@ -350,6 +350,8 @@ def _engine(flags: dict, config):
         ray_engine = import_module("..ray_engine", __package__)
     except ImportError as exc:
         raise Refusal(f"--engine ray needs Ray Data: pip install 'florence-cli[ray]' ({exc})") from None
+    if flags["quiet"]:
+        quiet_native_stderr()
     options = ray_engine.RayOptions(flags["ray_address"], flags["gpu_workers"], flags["decode_cpus"])
     return ray_engine.RayEngine(config, options)
 

@@ -16,13 +16,24 @@ class Refusal(click.ClickException):
 
 def quiet_libraries(quiet: bool) -> None:
     """``-q``: no Hub download bars either (transformers' own bars and advice are kept off stderr where
-    models load, ``model._loading``), nor the error lines Ray's C++ core writes to stderr as a local Ray
-    shuts down (``core_worker.cc … E``; Ray's own failures still reach the user as one line)."""
+    models load, ``model._loading``)."""
     if quiet:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # read when Ray starts its processes
+
+
+def quiet_native_stderr() -> None:
+    """``-q`` with Ray: Ray's C++ core writes its log lines (``core_worker.cc … E``) to file descriptor 2
+    itself, past Python's logging, and its own switch (``RAY_BACKEND_LOG_LEVEL``) prints a line of its
+    own in every process. So descriptor 2 goes nowhere, and Python's ``sys.stderr`` — every line this
+    command writes, Ray's failures included — keeps the terminal on a copy of it."""
+    kept = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stderr.flush()
+    sys.stderr = os.fdopen(kept, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
 
 
 def echo_err(message: str) -> None:
