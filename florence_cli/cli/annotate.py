@@ -104,7 +104,14 @@ def _device(ctx, param, value: str) -> str:
     callback=_min_score,
     help="Drop instances scored below this.",
 )
-@click.option("-o", "--output", default="florence-out", show_default=True, type=click.Path(file_okay=False))
+@click.option(
+    "-o",
+    "--output",
+    default="florence-out",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Output folder, or a URL (s3://…) that finished files are uploaded to.",
+)
 @click.option(
     "-m",
     "--model",
