@@ -190,12 +190,49 @@ def read_all(url: str) -> bytes:
     return retried(lambda: fs.cat_file(path), url)
 
 
-def open_headers(url: str, size: int | None = None):
+def open_headers(url: str, size: int | None = None) -> RetriedReads:
     """The object at ``url`` opened to read front to back by ranges, a MiB ahead at a time (``size``:
     its size, where the store said it already)."""
     fs, path = filesystem(url)
     known = {"size": size} if size is not None else {}
-    return retried(lambda: fs.open(path, "rb", block_size=HEADER_BLOCK, cache_type="readahead", **known), url)
+    opened = retried(
+        lambda: fs.open(path, "rb", block_size=HEADER_BLOCK, cache_type="readahead", **known), url
+    )
+    return RetriedReads(opened, url)
+
+
+class RetriedReads:
+    """An object opened for reading whose every read is ``retried``: a connection dropped in the middle
+    of a shard costs that request again, not the shard."""
+
+    def __init__(self, file, url: str):
+        self.file = file
+        self.url = url
+        self.size = file.size
+
+    def read(self, size: int = -1) -> bytes:
+        start = self.file.tell()
+
+        def attempt() -> bytes:
+            self.file.seek(start)
+            return self.file.read(size)
+
+        return retried(attempt, self.url)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> RetriedReads:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
 
 
 def glob(pattern: str) -> list[str]:

@@ -167,12 +167,15 @@ def test_faults_are_one_line_each_and_the_rest_of_the_run_goes_on(s3, bucket, tm
     s3.filesystem().pipe(f"{bucket}/shards/00002.tar", cut[: len(cut) // 2])  # cut short in the store
     s3.filesystem().pipe(f"{bucket}/shards/00003.tar", cut)
     s3.filesystem().pipe(f"{bucket}/shards/00004.tar", cut)
+    s3.filesystem().pipe(f"{bucket}/shards/00005.tar", cut)
     s3.faults.add(lambda m, p: "00003.tar" in p, "drop")  # every time: the shard fails
     s3.faults.add(lambda m, p: "00004.tar" in p, "throttle", times=3)  # then it answers: done
+    # mid-read, more often than the client library tries a request: florence-cli tries again
+    s3.faults.add(lambda m, p: "00005.tar" in p and m == "GET", "drop", times=6)
     s3.faults.add(lambda m, p: "img02.png" in p and m == "GET", "deny")
     errors = []
     summary = _run(
-        [f"{url}/shards/{{00000..00004}}.tar", f"s3://no-such-{bucket}/a.tar", f"{url}/imgs/nothing.png",
+        [f"{url}/shards/{{00000..00005}}.tar", f"s3://no-such-{bucket}/a.tar", f"{url}/imgs/nothing.png",
          f"{url}/imgs"], tmp_path / "out", DecodingEngine(), s3, on_error=errors.append,
     )  # fmt: skip
     reasons = {failure.name: failure.reason for failure in summary.failures}
@@ -185,7 +188,8 @@ def test_faults_are_one_line_each_and_the_rest_of_the_run_goes_on(s3, bucket, tm
     )
     assert all("\n" not in reason for reason in reasons.values())
     done = {r["file"] for r in read_jsonl(tmp_path / "out/.florence/journal.jsonl") if "file" in r}
-    assert {f"{bucket}/shards/00004/1000{i}" for i in range(3)} <= done  # throttled, retried, done
+    for shard in ("00004", "00005"):  # throttled, dropped: retried, done
+        assert {f"{bucket}/shards/{shard}/1000{i}" for i in range(3)} <= done
     assert {f"{bucket}/shards/0000{n}/{n}000{i}" for n in (0, 1) for i in range(3)} <= done
     assert {"imgs/img00.png", "imgs/img01.png"} <= done
 
