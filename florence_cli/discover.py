@@ -120,7 +120,9 @@ def expand_pattern(item: Input) -> list[Input]:
         return [item]
     found: list[Input] = []
     for path in expand_braces(item):
-        found += (_glob(path) or [path]) if _GLOB.search(path) and not path.startswith("http") else [path]
+        # (a web server lists nothing, and its URLs' "?" starts a query)
+        globbed = _GLOB.search(path) and not path.startswith(("http://", "https://"))
+        found += (_glob(path) or [path]) if globbed else [path]
     return found
 
 
