@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from PIL import Image
 
@@ -51,11 +52,21 @@ def rss_mb() -> float:
     return float("nan")
 
 
+class _NoModel:
+    """What the engine asks of a loaded model, for a run with none: a CPU, no limits, per-image products."""
+
+    device = SimpleNamespace(type="cpu")
+    preprocessing = SimpleNamespace(check=lambda requests, max_new_tokens: None)
+    products = "per-image"
+    fallback = None
+
+
 class FixedAnswers:
     """A batch answerer whose model always answers the same box."""
 
     resize_spec = ResizeSpec(size=(64, 64))
     batch_size = 16
+    model = _NoModel()
 
     def answer_safely(self, images):
         raw = "</s><s>car<loc_100><loc_200><loc_300><loc_400></s>"
@@ -133,8 +144,10 @@ def measure(
     threading.Thread(target=sample, daemon=True).start()
     started, cpu = time.perf_counter(), time.process_time()
     before = rss_mb()
-    config = RunConfig(ModelConfig("fixed-answers"), output=out, storage_options=storage_options)
-    summary = run(inputs, parse_requests(["OD"]), config, LocalEngine(FixedAnswers, workers))
+    config = RunConfig(
+        ModelConfig("fixed-answers"), output=out, workers=workers, storage_options=storage_options
+    )
+    summary = run(inputs, parse_requests(["OD"]), config, LocalEngine(config, FixedAnswers()))
     done.set()
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     coco = json.loads((out / "od.json").read_text())

@@ -101,6 +101,7 @@ def discover(
     buffered: millions of files stream through.
     """
     inputs = [path for item in inputs for path in expand_pattern(item)]
+    storage.list_ahead(item for item in inputs if isinstance(item, str))
     prefixes = _folder_prefixes(inputs) if len(inputs) > 1 else {}
     seen = _Seen(finished)
     for item in inputs:

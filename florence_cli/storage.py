@@ -19,7 +19,9 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
+from contextlib import suppress
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,6 +30,7 @@ PIPE = "pipe:"
 RETRIES = 5  # tries after the first, for a throttled or dropped request
 BACKOFF_S = 0.2  # the first wait; doubled each time, with jitter
 HEADER_BLOCK = 1 << 20  # read-ahead while listing a shard's headers: one request per MiB, not per header
+LIST_AHEAD = 100  # objects named in one folder from which listing it once beats a request for each
 # The package each scheme needs, and the extra of florence-cli that installs it.
 _PACKAGES = {"s3": ("s3fs", "storage"), "s3a": ("s3fs", "storage"), "gs": ("gcsfs", "gcs"),
              "gcs": ("gcsfs", "gcs"), "az": ("adlfs", "azure"), "abfs": ("adlfs", "azure"),
@@ -152,6 +155,18 @@ def info(url: str) -> dict:
     """What the store says about the object or folder at ``url`` (``StorageError``: why not)."""
     fs, path = filesystem(url)
     return retried(lambda: fs.info(path), url)
+
+
+def list_ahead(urls: Iterable[str]) -> None:
+    """Many objects named in one folder (a brace pattern's 10,000 shards): list the folder once, so that
+    what is asked of each is answered from the listing, which the run's file system keeps, not by a
+    request each. A folder that cannot be listed is left to those requests to report."""
+    folders = Counter(url.rsplit("/", 1)[0] for url in urls if is_url(url) and not is_pipe(url))
+    for folder, count in folders.items():
+        if count >= LIST_AHEAD:
+            fs, path = filesystem(folder)
+            with suppress(StorageError):
+                retried(lambda fs=fs, path=path: fs.ls(path, detail=True), folder)
 
 
 def identity_of(path: str) -> str:
