@@ -416,6 +416,8 @@ class _Run:
             self.bar.close()
         try:
             self.shards.commit(self._finish_shard)  # shards whose samples were all done before this run
+        except _OutputStopped as exc:  # a shard's own file on a full disk
+            self.summary.output_error = str(exc)
         except OSError as exc:
             self.summary.output_error = _cannot_write(self.folder.journal.path, exc)
         self.folder.journal.close()
