@@ -287,3 +287,21 @@ def test_urls_and_identities():
     assert storage.identity_from({"size": 5, "ETag": '"abc"'}) == '5:ETag="abc"'
     assert storage.identity_from({"size": 5, "generation": 7, "etag": "x"}) == "5:generation=7"
     assert storage.identity_of("pipe:cat a.tar") == "stream"
+
+
+def test_a_shard_file_that_cannot_be_uploaded_fails_its_shard_and_the_next_run_uploads_it(
+    s3, bucket, tmp_path
+):
+    url = _upload(s3, _dataset(tmp_path, bucket), bucket)
+    out, labels = tmp_path / "out", f"{url}/labels"
+    s3.faults.add(lambda m, p: m == "PUT" and "00001.od.parquet" in p, "deny")
+    first = _run([f"{url}/shards/*.tar"], out, FakeEngine(), s3, per_shard=True, upload=labels)
+    assert [(f.name, f.reason) for f in first.failures] == [
+        (f"{bucket}/shards/00001", f"{labels}/{bucket}/shards/00001.od.parquet: access denied")
+    ]
+    s3.faults.clear()
+    again = FakeEngine()
+    second = _run([f"{url}/shards/*.tar"], out, again, s3, per_shard=True, upload=labels)
+    assert (again.sent, second.failed) == ([], 0)  # answered already: only its files are written again
+    uploaded = s3.filesystem().cat_file(f"{bucket}/labels/{bucket}/shards/00001.od.parquet")
+    assert uploaded == (out / bucket / "shards/00001.od.parquet").read_bytes()
