@@ -29,7 +29,7 @@ from .journal import ShardProgress, work_key
 from .outdir import OutputFolder, describe_os_error, stops_the_run
 from .records import Answer, ImageFailure, ItemResult, counted
 from .shardfiles import ShardFiles
-from .storage import StorageError, upload, use_options
+from .storage import StorageError, filesystem, is_pipe, is_url, upload, use_options
 from .tarshards import ShardEnd
 from .tasks import resolve_task
 from .writers import JsonlSink, StdoutClosed
@@ -129,7 +129,8 @@ def preflight(
 
     1. the options themselves, and against the tasks: batch size, decode processes, caption files
        (``OptionError``);
-    2. ``parquet`` or ``per_shard`` without pyarrow (``ImportError``);
+    2. ``parquet`` or ``per_shard`` without pyarrow (``ImportError``); a URL input or ``upload`` whose
+       scheme's package (fsspec, s3fs …) is missing (``storage.StorageError``);
     3. ``captions.hf_metadata`` without one input folder (``OptionError``);
     4. the checkpoint, without its weights: found, usable, on a device there is, and holding every text
        and ``generation.max_new_tokens`` (``engine.check``: ``ModelLoadError``, ``TaskError``);
@@ -143,6 +144,9 @@ def preflight(
     task = caption_task(config.captions, [request.task for request in requests])
     if config.parquet or config.per_shard:
         require_pyarrow()
+    for url in [*(i for i in inputs if isinstance(i, str) and is_url(i) and not is_pipe(i)), config.upload]:
+        if url:
+            filesystem(url)  # a scheme without its package; nothing is asked of the store yet
     root = metadata_folder(inputs) if task and config.captions.hf_metadata else None
     model_id = engine.check(requests, config.generation.max_new_tokens)
     known = {"model_id": model_id} if model_id else {}

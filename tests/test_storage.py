@@ -305,3 +305,23 @@ def test_a_shard_file_that_cannot_be_uploaded_fails_its_shard_and_the_next_run_u
     assert (again.sent, second.failed) == ([], 0)  # answered already: only its files are written again
     uploaded = s3.filesystem().cat_file(f"{bucket}/labels/{bucket}/shards/00001.od.parquet")
     assert uploaded == (out / bucket / "shards/00001.od.parquet").read_bytes()
+
+
+def test_the_command_refuses_a_scheme_without_its_package_and_bad_storage_options(tmp_path):
+    from click.testing import CliRunner
+
+    from florence_cli.cli import main
+
+    if _has("gcsfs"):
+        pytest.skip("gcsfs is installed")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main, ["annotate", "gs://bucket/shards/00000.tar", "-t", "OD", "-o", str(out)]
+    )
+    assert result.exit_code == 2 and not out.exists()
+    assert result.output.strip() == (
+        "Error: gs://bucket/shards/00000.tar: gs:// URLs need fsspec and gcsfs: "
+        "pip install 'florence-cli[gcs]'"
+    )
+    bad = CliRunner().invoke(main, ["annotate", "s3://b/x.tar", "-t", "OD", "--storage-options", "{nope"])
+    assert bad.exit_code == 2 and "--storage-options" in bad.output and "not JSON" in bad.output

@@ -299,6 +299,7 @@ def _annotate(inputs: tuple[str, ...], flags: dict):
     from ..jobs import parse_requests, split_texts
     from ..outdir import OutputError
     from ..runner import run
+    from ..storage import StorageError
 
     try:
         requests = parse_requests(
@@ -315,7 +316,7 @@ def _annotate(inputs: tuple[str, ...], flags: dict):
         raise click.UsageError(exc.worded(FLAGS)) from None
     except TaskError as exc:
         raise click.UsageError(str(exc)) from None
-    except (ModelLoadError, OutputError, EngineError, ImportError) as exc:
+    except (ModelLoadError, OutputError, EngineError, ImportError, StorageError) as exc:
         raise Refusal(str(exc)) from None
 
 
