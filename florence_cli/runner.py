@@ -439,8 +439,13 @@ class _Run:
                     self.captions.write_metadata(answers(None))
             if self.config.upload:
                 rebuilt = [f"{task.slug}.json" for task, _ in coco] + [f"{t.slug}.parquet" for t in parquet]
-                for name in [*rebuilt, "errors.jsonl"]:
-                    upload(str(self.folder.path / name), f"{self.config.upload.rstrip('/')}/{name}")
+                target = self.config.upload.rstrip("/")
+                upload(
+                    [
+                        (str(self.folder.path / name), f"{target}/{name}")
+                        for name in [*rebuilt, "errors.jsonl"]
+                    ]
+                )
         except _OutputStopped as exc:
             self.summary.output_error = str(exc)
         except OSError as exc:

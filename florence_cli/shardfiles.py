@@ -1,5 +1,6 @@
 """``per_shard``: each tar shard's answers in files of its own, ``OUT/<shard>.<task>.parquet``, written as
-soon as the shard is finished — every sample back — and, with an output URL, uploaded then, whole.
+soon as the shard is finished — every sample back — and, with an output URL, uploaded then, whole, with
+the text files of its answers (``OUT/<task>/<shard>/<key>.txt``).
 
 A dataset's labels then lie beside its shards, one file per shard as img2dataset, clip-retrieval and
 DataComp lay out theirs, and a shard that a run finished is never written again (a later run skips it
@@ -18,6 +19,7 @@ from .journal import Journal, latest_in_order
 from .records import Answer
 from .storage import upload
 from .tasks import Task
+from .writers import text_path
 
 
 class ShardFiles:
@@ -46,9 +48,19 @@ class ShardFiles:
         if shard in self.earlier:
             records = list(self.journal.shard_records(shard))  # this run's answers are in it too
         ordered = list(latest_in_order(sorted(records, key=lambda r: name_order(r["file"]))))
+        written = []
         for task in self.tasks:
-            path = shard_file(self.folder, shard, task)
+            written.append(shard_file(self.folder, shard, task))
             answers = (Answer.from_record(r) for r in ordered if r["task"] == task.name)
-            write_parquet(path, task, answers, shard)
-            if self.upload_to:
-                upload(str(path), f"{self.upload_to}/{path.relative_to(self.folder).as_posix()}")
+            write_parquet(written[-1], task, answers, shard)
+            if not task.writes_coco:  # its answers' text files, written as they came
+                written += [
+                    text_path(self.folder, task, r["file"]) for r in ordered if r["task"] == task.name
+                ]
+        if self.upload_to:
+            upload(
+                [
+                    (str(path), f"{self.upload_to}/{path.relative_to(self.folder).as_posix()}")
+                    for path in written
+                ]
+            )

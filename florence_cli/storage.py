@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from contextlib import suppress
+from itertools import takewhile
 from pathlib import Path
 from typing import TypeVar
 
@@ -276,8 +277,19 @@ def output_cache(url: str) -> Path:
     return Path(cache, "florence-cli", "outputs", _scheme(url), object_name(url))
 
 
-def upload(local: str, url: str) -> None:
-    """Put the finished file ``local`` at ``url``. An object store makes an object visible only once its
-    upload is complete, so no partial object is ever seen under the final name."""
-    fs, path = filesystem(url)
-    retried(lambda: fs.put_file(local, path), url)
+def upload(files: list[tuple[str, str]]) -> None:
+    """Put finished local files at their URLs (of one store), several at once where the store allows.
+    An object store makes an object visible only once its upload is complete, so no partial object is
+    ever seen under the final name."""
+    if files:
+        fs, _ = filesystem(files[0][1])
+        local, remote = [path for path, _ in files], [fs._strip_protocol(url) for _, url in files]
+        urls = [url for _, url in files]
+        where = urls[0] if len(urls) == 1 else f"{_common_folder(urls)}/ ({len(urls)} files)"
+        retried(lambda: fs.put(local, remote), where)
+
+
+def _common_folder(urls: list[str]) -> str:
+    """The folder URL that holds them all."""
+    folders = zip(*(url.split("/")[:-1] for url in urls), strict=False)  # as deep as the shallowest
+    return "/".join(parts[0] for parts in takewhile(lambda parts: len(set(parts)) == 1, folders))

@@ -137,6 +137,8 @@ def test_per_shard_files_hold_the_single_files_rows_and_are_uploaded_whole(s3, b
             uploaded = s3.filesystem().cat_file(f"{bucket}/labels/{name}.{task}.parquet")
             assert uploaded == (out / f"{name}.{task}.parquet").read_bytes()
     assert s3.filesystem().cat_file(f"{bucket}/labels/od.json") == (out / "od.json").read_bytes()
+    caption = f"caption/{bucket}/shards/00000/00000.txt"  # a shard's text files go with its Parquet files
+    assert s3.filesystem().cat_file(f"{bucket}/labels/{caption}") == (out / caption).read_bytes()
     before = {p: p.stat().st_mtime_ns for p in out.glob("**/*.*.parquet")}
     rerun = FakeEngine()
     _run([f"{url}/shards/*.tar"], out, rerun, s3, per_shard=True)
@@ -297,7 +299,7 @@ def test_a_shard_file_that_cannot_be_uploaded_fails_its_shard_and_the_next_run_u
     s3.faults.add(lambda m, p: m == "PUT" and "00001.od.parquet" in p, "deny")
     first = _run([f"{url}/shards/*.tar"], out, FakeEngine(), s3, per_shard=True, upload=labels)
     assert [(f.name, f.reason) for f in first.failures] == [
-        (f"{bucket}/shards/00001", f"{labels}/{bucket}/shards/00001.od.parquet: access denied")
+        (f"{bucket}/shards/00001", f"{labels}/ (5 files): access denied")  # 2 Parquet files, 3 captions
     ]
     s3.faults.clear()
     again = FakeEngine()
