@@ -50,6 +50,7 @@ def test_a_bucket_run_equals_local_disk_and_survives_kill_9(s3, tiny_model, tmp_
     uploaded = _objects(s3, f"{bucket}/clean")
     assert sorted(uploaded) == sorted(
         [f"{bucket}/shards/{n:05d}.{task}.parquet" for n in range(4) for task in ("od", "caption")]
+        + [f"caption/{bucket}/shards/{n:05d}/{n}{i:03d}.txt" for n in range(4) for i in range(5)]
         + ["od.json", "od.parquet", "caption.parquet", "errors.jsonl"]
     )
     assert all(data == (mirror / "clean" / name).read_bytes() for name, data in uploaded.items())
