@@ -6,10 +6,14 @@ JPEG, so making them is cheap); only the model is replaced by a fixed answer, wh
 to a minute. Prints the driver's resident memory as the run goes; it should level off, not grow
 with N. With ``--shards``, the same images also run as WebDataset tar shards (discovery reads their
 headers, decode workers their members), four runs in all (files, shards, shards, files), and the
-mean throughputs are compared.
+mean throughputs are compared. With ``--s3`` too, the shards are read from a local S3 endpoint (moto's
+server, in a process of its own on 127.0.0.1) against the same shards on local disk (shards, S3, S3,
+shards), and the driver's CPU time per image is compared: the store's reading must not cost the
+driver more than 20 % over local shards, nor its memory grow.
 
     python benchmarks/memory.py -n 100000
     python benchmarks/memory.py -n 100000 --shards 100
+    python benchmarks/memory.py -n 100000 --shards 10000 --s3      # 10,000 shards of 10
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ import io
 import json
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import tarfile
 import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from PIL import Image
 
@@ -45,11 +52,21 @@ def rss_mb() -> float:
     return float("nan")
 
 
+class _NoModel:
+    """What the engine asks of a loaded model, for a run with none: a CPU, no limits, per-image products."""
+
+    device = SimpleNamespace(type="cpu")
+    preprocessing = SimpleNamespace(check=lambda requests, max_new_tokens: None)
+    products = "per-image"
+    fallback = None
+
+
 class FixedAnswers:
     """A batch answerer whose model always answers the same box."""
 
     resize_spec = ResizeSpec(size=(64, 64))
     batch_size = 16
+    model = _NoModel()
 
     def answer_safely(self, images):
         raw = "</s><s>car<loc_100><loc_200><loc_300><loc_400></s>"
@@ -85,9 +102,38 @@ def make_shards(scratch: Path, count: int, shards: int) -> str:
     return str(scratch / "shards" / f"{{00000..{shards - 1:05d}}}.tar")
 
 
-def measure(inputs: list[str], out: Path, count: int, workers: int) -> float:
+def local_s3(shards: Path) -> tuple[subprocess.Popen, dict]:
+    """moto's S3 server on a free loopback port, with ``shards`` uploaded to the bucket ``shards``: the
+    server's process, and the storage options that reach it."""
+    import s3fs
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1"
+    )
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    while True:  # a benchmark may wait on the server's start
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    options = {"endpoint_url": f"http://127.0.0.1:{port}"}
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("shards")
+    fs.put(str(shards) + "/", "shards/", recursive=True)
+    return server, options
+
+
+def measure(
+    inputs: list[str], out: Path, count: int, workers: int, storage_options: dict | None = None
+) -> tuple[float, float]:
     """Run the driver over ``inputs``; print its rate, its CPU time (which a busy machine does not
-    inflate as it does the wall time) and its memory as it went; return the rate."""
+    inflate as it does the wall time) and its memory as it went; return the rate and the driver's CPU
+    seconds per image."""
     samples: list[tuple[float, float]] = []
     done = threading.Event()
 
@@ -98,8 +144,10 @@ def measure(inputs: list[str], out: Path, count: int, workers: int) -> float:
     threading.Thread(target=sample, daemon=True).start()
     started, cpu = time.perf_counter(), time.process_time()
     before = rss_mb()
-    config = RunConfig(ModelConfig("fixed-answers"), output=out)
-    summary = run(inputs, parse_requests(["OD"]), config, LocalEngine(FixedAnswers, workers))
+    config = RunConfig(
+        ModelConfig("fixed-answers"), output=out, workers=workers, storage_options=storage_options
+    )
+    summary = run(inputs, parse_requests(["OD"]), config, LocalEngine(config, FixedAnswers()))
     done.set()
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     coco = json.loads((out / "od.json").read_text())
@@ -112,7 +160,7 @@ def measure(inputs: list[str], out: Path, count: int, workers: int) -> float:
         index = min(len(samples) - 1, int(fraction * (len(samples) - 1)))
         print(f"  at {fraction:>4.0%} of the run: RSS {samples[index][1]:.0f} MB")
     print(f"  peak during the run: {max(s[1] for s in samples):.0f} MB")
-    return rate
+    return rate, cpu / count
 
 
 def main() -> None:
@@ -122,19 +170,36 @@ def main() -> None:
     parser.add_argument("-n", "--images", type=int, default=100_000)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--shards", type=int, default=0, help="also run on the images as N WebDataset shards")
+    parser.add_argument(
+        "--s3", action="store_true", help="with --shards: local shards against the same in S3"
+    )
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="florence-memory-"))
     folder = make_files(scratch, args.images)
     if not args.shards:
         measure([str(folder)], scratch / "out", args.images, args.workers)
-    else:  # files, shards, shards, files: a machine that slows down or speeds up favours neither
+    else:  # A, B, B, A: a machine that slows down or speeds up favours neither
         pattern = make_shards(scratch, args.images, args.shards)
-        rates: dict[str, list[float]] = {"files": [], "shards": []}
-        for run_number, kind in enumerate(("files", "shards", "shards", "files")):
-            inputs = [str(folder)] if kind == "files" else [pattern]
-            rates[kind].append(measure(inputs, scratch / f"out{run_number}", args.images, args.workers))
-        files, shards = (sum(rates[kind]) / 2 for kind in ("files", "shards"))
-        print(f"mean images/s: files {files:.0f}, shards {shards:.0f} (shards / files: {shards / files:.3f})")
+        server, options = local_s3(scratch / "shards") if args.s3 else (None, None)
+        runs = {"files": ([str(folder)], None), "shards": ([pattern], None)}
+        if args.s3:
+            runs = {"shards": runs["shards"], "s3": ([f"s3://shards/{Path(pattern).name}"], options)}
+        first, second = runs
+        results: dict[str, list[tuple[float, float]]] = {first: [], second: []}
+        try:
+            for number, kind in enumerate((first, second, second, first)):
+                inputs, storage_options = runs[kind]
+                out = scratch / f"out{number}"
+                results[kind].append(measure(inputs, out, args.images, args.workers, storage_options))
+        finally:
+            if server:
+                server.kill()
+        rate = {kind: sum(r for r, _ in found) / 2 for kind, found in results.items()}
+        cpu = {kind: sum(c for _, c in found) / 2 for kind, found in results.items()}
+        print(f"mean images/s: {first} {rate[first]:.0f}, {second} {rate[second]:.0f} "
+              f"({second} / {first}: {rate[second] / rate[first]:.3f})")  # fmt: skip
+        print(f"driver CPU per image: {first} {1e6 * cpu[first]:.0f} us, {second} {1e6 * cpu[second]:.0f} us "
+              f"({second} / {first}: {cpu[second] / cpu[first]:.3f})")  # fmt: skip
     shutil.rmtree(scratch)
 
 

@@ -96,7 +96,8 @@ class Annotator:
 
         ``tasks`` are names (with ``text`` for those that need one) or ready ``TaskRequest``s. ``options``
         set this run's fields of ``RunConfig`` that do not touch the model (``overwrite``, ``jsonl``,
-        ``parquet``, ``progress``, ``shard``, ``workers``, ``captions``), e.g.
+        ``parquet``, ``progress``, ``shard``, ``workers``, ``captions``, ``per_shard``, ``upload``,
+        ``storage_options``), e.g.
         ``annotator.run(["images/"], "out", ["OD"], shard=Shard(0, 4))``.
         """
         unknown = set(options) - RUN_FIELDS
@@ -110,6 +111,7 @@ class Annotator:
 
 IN_MEMORY = "in-memory model"  # the name an output folder records for a model handed in loaded
 # What a run may set besides the annotator's own model and answer settings.
-RUN_FIELDS = frozenset(
-    {"overwrite", "jsonl", "jsonl_all", "parquet", "progress", "shard", "workers", "captions"}
-)
+RUN_FIELDS = frozenset({
+    "overwrite", "jsonl", "jsonl_all", "parquet", "progress", "shard", "workers", "captions", "per_shard",
+    "upload", "storage_options",
+})  # fmt: skip

@@ -151,6 +151,9 @@ class RunConfig:
     # yes (a pipeline should see every answer), for a file no (it holds them from those runs).
     jsonl_all: bool | None = None
     parquet: bool = False  # also write OUT/<task>.parquet (rebuilt from the journal at the end)
+    per_shard: bool = False  # write each tar shard's answers to OUT/<shard>.<task>.parquet once it is done
+    upload: str | None = None  # a URL the output folder's finished files are put under (``storage``)
+    storage_options: dict | None = None  # keyword arguments of every fsspec file system (``storage``)
     progress: bool = False
     shard: Shard | None = None
     captions: CaptionOptions = field(default_factory=CaptionOptions)

@@ -2,7 +2,8 @@
 
 Workers import only Pillow and NumPy and send back uint8 pixels at the model's input size, so the
 main process never touches a full-size image and the model never waits for JPEG decoding. A tar
-shard's image is read in the worker, from its offset in the tar (``tarshards.read_member``).
+shard's image is read in the worker, from its offset in the tar (``tarshards.read_member``); an object
+by URL, from its store (``storage``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .discover import ImageRef
+from .storage import is_url, read_all
 from .tarshards import Member, read_member
 
 
@@ -61,6 +63,10 @@ def open_rgb(source: str | Member):
 
     if isinstance(source, Member):
         source = io.BytesIO(read_member(source))
+    elif is_url(source):
+        source = io.BytesIO(read_all(source))
+        if not source.getbuffer().nbytes:
+            raise ValueError("empty file (0 bytes)")
     elif os.path.getsize(source) == 0:
         raise ValueError("empty file (0 bytes)")
     with Image.open(source) as image:

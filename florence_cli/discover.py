@@ -21,8 +21,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import storage
 from .pathlist import PathList, PathListError
-from .tarshards import Member, ShardEnd, ShardError, expand_braces, is_tar_name, samples
+from .storage import StorageError, identity_from, identity_of, is_pipe, is_url, object_name
+from .tarshards import Member, ShardEnd, ShardError, expand_braces, is_tar_name, samples, shard_stem
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
@@ -35,6 +37,9 @@ class ImageRef:
     name: str  # relative to the input folder it was found in (POSIX separators); outputs use it
     order: tuple  # sort key: the name's parts, so outputs list images as a sorted folder walk does
     member: Member | None = field(default=None, kw_only=True)  # a shard's sample: its image in the tar
+    # What resume knows this version of it by (``storage.identity_of``), where discovery learnt it: a
+    # shard's samples share their tar's, a listed object's comes with the listing. None: asked when keyed.
+    identity: str | None = field(default=None, kw_only=True, compare=False)
 
     @property
     def source(self) -> str | Member:
@@ -81,7 +86,7 @@ def is_image_name(name: str) -> bool:
 
 _GLOB = re.compile(r"[*?[]")
 Input = str | PathList  # a path (a file, a folder, a tar shard, a pattern, - for stdin) or a list file
-Finished = Callable[[str, str], "int | None"]  # (tar, shard name) -> samples, if done earlier
+Finished = Callable[[str, str], "int | None"]  # (tar's identity, shard name) -> samples, if done earlier
 
 
 def discover(
@@ -98,6 +103,7 @@ def discover(
     buffered: millions of files stream through.
     """
     inputs = [path for item in inputs for path in expand_pattern(item)]
+    storage.list_ahead(item for item in inputs if isinstance(item, str))
     prefixes = _folder_prefixes(inputs) if len(inputs) > 1 else {}
     seen = _Seen(finished)
     for item in inputs:
@@ -116,8 +122,12 @@ def name_roots(inputs: Iterable[Input]) -> list[str]:
     several inputs' names start with each folder's name (so those folders together root them); a list's
     by its rows. Two runs whose roots differ may name two different files alike: an output folder
     annotates one set of roots (one dataset)."""
-    expanded = [path for item in inputs for path in expand_pattern(item)]
+    inputs = list(inputs)
     roots = set()
+    for item in inputs:  # an object by URL is named by its bucket (or host) and path: unique as it is
+        if _is_url(item):
+            roots.add(f"the folder {item}" if _looks_like_folder(item) else "objects named by their URLs")
+    expanded = [path for item in inputs if not _is_url(item) for path in expand_pattern(item)]
     for item in expanded:
         if isinstance(item, PathList):
             roots.add(f"the list {os.path.abspath(item.file)}")
@@ -130,15 +140,36 @@ def name_roots(inputs: Iterable[Input]) -> list[str]:
     return sorted(roots)
 
 
+def _is_url(item: Input) -> bool:
+    return isinstance(item, str) and is_url(item)
+
+
+def _looks_like_folder(url: str) -> bool:
+    """A URL whose objects are named from it (a folder), not by their own paths (shards, images, patterns)."""
+    last = url.rstrip("/").rsplit("/", 1)[-1]
+    return not (is_tar_name(url) or is_image_name(last) or _GLOB.search(last) or "{" in last)
+
+
 def expand_pattern(item: Input) -> list[Input]:
     """An input that does not exist as written but is a pattern: the paths its braces name (existing or
     not, as a shell's), each glob matched (sorted); a glob that matches nothing stays as written."""
-    if not isinstance(item, str) or item == "-" or os.path.lexists(item):
+    if not isinstance(item, str) or item == "-" or is_pipe(item) or os.path.lexists(item):
         return [item]
     found: list[Input] = []
     for path in expand_braces(item):
-        found += (sorted(glob.glob(path)) or [path]) if _GLOB.search(path) else [path]
+        # (a web server lists nothing, and its URLs' "?" starts a query)
+        globbed = _GLOB.search(path) and not path.startswith(("http://", "https://"))
+        found += (_glob(path) or [path]) if globbed else [path]
     return found
+
+
+def _glob(pattern: str) -> list[str]:
+    if not is_url(pattern):
+        return sorted(glob.glob(pattern))
+    try:
+        return storage.glob(pattern)
+    except StorageError:  # said again, in the input's own line, when it is read
+        return []
 
 
 def _listed(paths: PathList, seen: _Seen) -> Iterator[ImageRef | InputError | Duplicate | ShardEnd]:
@@ -165,7 +196,7 @@ class _Seen:
         self.finished = finished
 
     def claim(
-        self, path: str, name: str, real: str, member: Member | None = None
+        self, path: str, name: str, real: str, member: Member | None = None, identity: str | None = None
     ) -> ImageRef | InputError | Duplicate:
         file = short_digest(os.fsencode(real))
         shown = printable(name if member else path)  # a shard's sample is known by its name
@@ -179,7 +210,7 @@ class _Seen:
             return InputError(shown, f"its output name {name!r} is taken by another file")
         self.files.add(file)
         self.names.add(digest)
-        return ImageRef(path=path, name=name, order=name_order(name), member=member)
+        return ImageRef(path=path, name=name, order=name_order(name), member=member, identity=identity)
 
     def first_walk(self, folder: str) -> bool:
         """Whether ``folder`` is walked for the first time (a link loop leads back to one walked)."""
@@ -200,7 +231,9 @@ def _expand(
     path: str, prefix: str, seen: _Seen, name: str | None = None
 ) -> Iterator[ImageRef | InputError | Duplicate | ShardEnd]:
     """The images of one input; ``name``: the name a list gives it (a folder's: its images' prefix)."""
-    if not os.path.exists(path):
+    if is_url(path):
+        yield from _expand_url(path, prefix, seen, name)
+    elif not os.path.exists(path):
         yield InputError(printable(path), "no such file or directory", shard=is_tar_name(path))
     elif os.path.isdir(path):
         prefix = prefix if name is None else name
@@ -211,42 +244,100 @@ def _expand(
                 file, real = found
                 yield seen.claim(file, Path(prefix, os.path.relpath(file, path)).as_posix(), real)
     elif is_tar_name(path):
-        yield from _shard(path, _file_name(path)[: -len(".tar")] if name is None else name, seen)
+        yield from _shard(path, shard_stem(_file_name(path)) if name is None else name, seen)
     elif not is_image_name(path):
-        expected = "/".join(sorted(IMAGE_EXTENSIONS))
-        yield InputError(printable(path), f"not an image file (expected {expected}) nor a .tar shard")
+        yield _not_an_image(path)
     else:
         yield seen.claim(path, _file_name(path) if name is None else name, os.path.realpath(path))
 
 
-def _shard(path: str, shard: str, seen: _Seen) -> Iterator[ImageRef | InputError | Duplicate | ShardEnd]:
-    """A tar shard's samples, then its ``ShardEnd``; not opened when an earlier run finished it."""
-    real = os.path.realpath(path)
+def _not_an_image(path: str) -> InputError:
+    expected = "/".join(sorted(IMAGE_EXTENSIONS))
+    return InputError(printable(path), f"not an image file (expected {expected}) nor a .tar shard")
+
+
+def _expand_url(
+    url: str, prefix: str, seen: _Seen, name: str | None
+) -> Iterator[ImageRef | InputError | Duplicate | ShardEnd]:
+    """``_expand`` for a URL: an object, a folder (every image object under it, sorted) or a ``pipe:``."""
+    if is_pipe(url):
+        yield from _pipe_shard(url, name, seen)
+        return
+    try:
+        found = storage.info(url)
+        listed = storage.walk(url) if found.get("type") == "directory" else None
+    except StorageError as exc:
+        yield InputError(printable(url), _storage_reason(exc))
+        return
+    if listed is not None:
+        prefix = prefix if name is None else name
+        for object_url, details in listed:
+            if is_image_name(object_url):
+                relative = object_url[len(url.rstrip("/")) + 1 :]
+                claimed = Path(prefix, relative).as_posix()
+                yield seen.claim(object_url, claimed, object_url, identity=identity_from(details))
+    elif is_tar_name(url):
+        yield from _shard(url, shard_stem(object_name(url)) if name is None else name, seen, found)
+    elif not is_image_name(url):
+        yield _not_an_image(url)
+    else:
+        claimed = object_name(url) if name is None else name
+        yield seen.claim(url, claimed, url, identity=identity_from(found))
+
+
+def _storage_reason(exc: StorageError) -> str:
+    """A storage failure as an input's reason (the input is named already: its line need not repeat it)."""
+    return "no such file or directory" if exc.missing else exc.reason
+
+
+def _pipe_shard(
+    command: str, name: str | None, seen: _Seen
+) -> Iterator[ImageRef | InputError | Duplicate | ShardEnd]:
+    """A ``pipe:`` shard, named after the last word of its command that names a tar (``pipe:aws s3 cp
+    s3://data/00000.tar -``: ``data/00000``)."""
+    if name is None:
+        tars = [word for word in command[len(storage.PIPE) :].split() if is_tar_name(word)]
+        if not tars:
+            yield InputError(
+                printable(command), "a pipe: shard's command must name its .tar (it names the samples)"
+            )
+            return
+        name = shard_stem(object_name(tars[-1]) if is_url(tars[-1]) else _file_name(tars[-1]))
+    yield from _shard(command, name, seen)
+
+
+def _shard(
+    path: str, shard: str, seen: _Seen, info: dict | None = None
+) -> Iterator[ImageRef | InputError | Duplicate | ShardEnd]:
+    """A tar shard's samples, then its ``ShardEnd``; not opened when an earlier run finished it.
+    ``info``: what the store said of it (asked once: its identity and size come from it)."""
+    real = path if is_url(path) else os.path.realpath(path)
     file = short_digest(os.fsencode(real))
     if file in seen.files:
         yield Duplicate(printable(path))
         return
     seen.files.add(file)
-    done = seen.finished(path, shard) if seen.finished else None
+    identity = identity_from(info) if info else identity_of(path)
+    done = seen.finished(identity, shard) if seen.finished else None
     if done is not None:
-        yield ShardEnd(path, shard, clean=True, skipped=done)
+        yield ShardEnd(path, shard, clean=True, skipped=done, identity=identity)
         return
     clean, listed = True, 0
     try:
-        for key, member in samples(path, shard):
+        for key, member in samples(path, shard, info.get("size") if info else None):
             listed += 1
             name = f"{shard}/{key}"
             if member is None:
                 clean = False
                 yield InputError(printable(name), "no image member (jpg, jpeg, png or webp) in this sample")
                 continue
-            found = seen.claim(path, name, f"{real}\0{member.offset}", member)
+            found = seen.claim(path, name, f"{real}\0{member.offset}", member, identity)
             clean = clean and isinstance(found, ImageRef)
             yield found
     except ShardError as exc:
         clean = False
         yield InputError(printable(path), f"cannot read the tar shard past its sample {listed}: {exc}")
-    yield ShardEnd(path, shard, clean)
+    yield ShardEnd(path, shard, clean, identity=identity)
 
 
 def _walk_images(folder: str, real: str, seen: _Seen) -> Iterator[tuple[str, str] | InputError]:
@@ -283,11 +374,7 @@ def _walk_images(folder: str, real: str, seen: _Seen) -> Iterator[tuple[str, str
 def _folder_prefixes(inputs: list[Input]) -> dict[str, str]:
     """Each folder input's name prefix: the fewest last parts of its absolute path that no other folder
     input ends with (``a/img`` and ``b/img`` stay apart; the same folder twice gets one prefix)."""
-    folders = {
-        item: Path(os.path.abspath(item)).parts[1:]
-        for item in inputs
-        if isinstance(item, str) and os.path.isdir(item)
-    }
+    folders = {item: parts for item in inputs if isinstance(item, str) and (parts := _folder_parts(item))}
     distinct = set(folders.values())
     prefixes = {}
     for item, parts in folders.items():
@@ -298,6 +385,15 @@ def _folder_prefixes(inputs: list[Input]) -> dict[str, str]:
             depth += 1
         prefixes[item] = Path(*parts[-depth:]).as_posix() if parts else ""
     return prefixes
+
+
+def _folder_parts(item: str) -> tuple[str, ...] | None:
+    """A folder input's absolute path in parts (a URL's: its bucket and path, when it names neither an
+    image nor a shard); None for anything else."""
+    if is_url(item):
+        named = is_pipe(item) or is_tar_name(item) or is_image_name(item)
+        return None if named else tuple(object_name(item).split("/"))
+    return Path(os.path.abspath(item)).parts[1:] if os.path.isdir(item) else None
 
 
 def _file_name(path: str) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .discover import ImageRef, name_order
 from .records import Answer, job_identity
+from .storage import identity_of
 from .tarshards import ShardEnd
 
 _SORT_CHUNK = 50_000  # records sorted in memory at once when rebuilding outputs
@@ -33,22 +34,19 @@ AnswerReader = Callable[[str | None], Iterator[Answer]]
 
 
 def work_key(ref: ImageRef, job: str) -> bytes:
-    """Identity of one piece of work: the file's name, size and mtime, and the job (task + text input).
-    A shard's sample: its name (``<shard>/<key>``), the tar's size and mtime, and the job."""
-    return _key(ref.name, ref.path, job)
+    """Identity of one piece of work: the file's name, size and mtime (an object's: its version as the
+    store gives it, ``storage.identity_of``), and the job (task + text input). A shard's sample: its name
+    (``<shard>/<key>``), the tar's identity, and the job."""
+    return _key(ref.name, ref.identity or identity_of(ref.path), job)
 
 
-def shard_key(path: str, name: str, jobs: str) -> bytes:
-    """Identity of a finished tar shard: its name, size and mtime, and what was asked of its samples."""
-    return _key(name, path, jobs)
+def shard_key(identity: str, name: str, jobs: str) -> bytes:
+    """Identity of a finished tar shard: its name, its identity (``storage.identity_of``), and what was
+    asked of its samples."""
+    return _key(name, identity, jobs)
 
 
-def _key(name: str, path: str, job: str) -> bytes:
-    try:
-        stat = os.stat(path)
-        identity = f"{stat.st_size}:{stat.st_mtime_ns}"
-    except OSError:
-        identity = "missing"
+def _key(name: str, identity: str, job: str) -> bytes:
     return hashlib.blake2b(f"{name}\0{identity}\0{job}".encode(), digest_size=12).digest()
 
 
@@ -176,10 +174,24 @@ class Journal:
     def _sorted_records(self, scratch: Path) -> Iterator[dict]:
         with open(self.path, "rb") as file:
             records = (record for record in map(read_record, file) if record is not None)
-            in_order = sort_by_name(records, scratch)
-            for _, group in itertools.groupby(in_order, key=lambda r: r["file"]):
-                latest = {job_identity(record): record for record in group}  # later lines win
-                yield from sorted(latest.values(), key=lambda r: (r.get("job_index", 0), job_identity(r)))
+            yield from latest_in_order(sort_by_name(records, scratch))
+
+    def shard_records(self, shard: str) -> Iterator[dict]:
+        """The records of one tar shard's samples, in the order they were written (read from the whole
+        journal: for a shard that an earlier run left half done)."""
+        with open(self.path, "rb") as file:
+            for line in file:
+                record = read_record(line) if line.endswith(b"\n") else None
+                if record is not None and record.get("shard") == shard:
+                    yield record
+
+
+def latest_in_order(records: Iterable[dict]) -> Iterator[dict]:
+    """Records sorted by name (stable), each image's latest per job, in the order of its jobs: the
+    answers a run's files hold."""
+    for _, group in itertools.groupby(records, key=lambda r: r["file"]):
+        latest = {job_identity(record): record for record in group}  # later lines win
+        yield from sorted(latest.values(), key=lambda r: (r.get("job_index", 0), job_identity(r)))
 
 
 def sort_by_name(records: Iterable[dict], scratch: Path) -> Iterator[dict]:
@@ -227,7 +239,7 @@ def _read_chunk(path: Path) -> Iterator[tuple[list, dict]]:
 class _Shard:
     """A tar shard on its way through a run."""
 
-    path: str
+    identity: str  # the tar's, when it was opened (``storage.identity_of``)
     samples: int = 0  # listed (and taken by ``--shard``)
     answers: int = 0  # answers its samples have, journaled earlier or to be
     pending: int = 0  # samples sent to the engine, not back yet
@@ -244,14 +256,15 @@ class ShardProgress:
         self.jobs = jobs
         self.shards: dict[str, _Shard] = {}  # by name, until they end and are back
 
-    def finished(self, path: str, name: str) -> int | None:
-        """The samples of the shard at ``path`` if an earlier run finished it (discovery's question)."""
-        return self.journal.finished_shard(shard_key(path, name, self.jobs))
+    def finished(self, identity: str, name: str) -> int | None:
+        """The samples of the shard ``name`` (as ``storage.identity_of`` knows it) if an earlier run
+        finished it (discovery's question)."""
+        return self.journal.finished_shard(shard_key(identity, name, self.jobs))
 
     def planned(self, ref: ImageRef, answers: int, pending: bool, failed: bool) -> None:
         """A sample was planned: ``answers`` in all, sent to the engine if ``pending``."""
         if ref.member is not None:
-            shard = self.shards.setdefault(ref.member.shard, _Shard(ref.path))
+            shard = self.shards.setdefault(ref.member.shard, _Shard(ref.identity or identity_of(ref.path)))
             shard.samples += 1
             shard.answers += answers
             shard.pending += pending
@@ -259,27 +272,33 @@ class ShardProgress:
 
     def ended(self, end: ShardEnd) -> None:
         if not end.skipped:
-            shard = self.shards.setdefault(end.name, _Shard(end.path))
+            shard = self.shards.setdefault(end.name, _Shard(end.identity))
             shard.ended = True
             shard.clean = shard.clean and end.clean
 
-    def returned(self, items: Iterable[ImageRef], journaled: set[str]) -> None:
-        """Samples came back; those named in ``journaled`` are journaled. Commits the shards now done."""
+    def returned(
+        self, items: Iterable[ImageRef], journaled: set[str], finish: Callable[[str], bool] | None = None
+    ) -> None:
+        """Samples came back; those named in ``journaled`` are journaled. Commits the shards now done
+        (``commit``)."""
         for item in items:
             if item.member is not None:
                 shard = self.shards[item.member.shard]
                 shard.pending -= 1
                 shard.clean = shard.clean and item.name in journaled
-        self.commit()
+        self.commit(finish)
 
-    def commit(self) -> None:
-        """Journal the shards that ended with every sample back and none failed."""
+    def commit(self, finish: Callable[[str], bool] | None = None) -> None:
+        """Journal the shards that ended with every sample back and none failed. ``finish(name)`` is
+        told of each shard that ended (its files are written then): one it returns False for is not
+        journaled as finished, so that a later run opens it again."""
         over = [name for name, shard in self.shards.items() if shard.ended and not shard.pending]
         records = []
         for name in over:
             shard = self.shards.pop(name)
-            if shard.clean:
-                done = shard_key(shard.path, name, self.jobs).hex()
+            finished = finish(name) if finish else True
+            if shard.clean and finished:
+                done = shard_key(shard.identity, name, self.jobs).hex()
                 records.append(
                     {"shard": name, "done": done, "samples": shard.samples, "answers": shard.answers}
                 )

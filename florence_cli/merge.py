@@ -18,7 +18,7 @@ from pathlib import Path
 from .captions import join_ledgers
 from .config import Shard
 from .discover import name_order
-from .formats.parquet import file_task
+from .formats.parquet import file_task, is_shard_file, write_shard_files
 from .journal import read_journal
 from .outdir import STATE, OutputError, OutputFolder, read_errors, read_settings, settings_differences
 from .tasks import Task, resolve_task
@@ -47,9 +47,10 @@ class MergeSummary:
 def merge(folders: list[Path], output: Path) -> MergeSummary:
     """Write into ``output`` the files a single run over all the shards' images writes.
 
-    COCO and Parquet files are rebuilt from the joined journals (images in name order, categories as
-    one run lists them); text files are copied; JSONL files in the folders are merged in name order, and
-    ``errors.jsonl`` is sorted as a run sorts its own at its end. The caption files the shards wrote
+    COCO and Parquet files, tar shards' own included (``--per-shard``), are rebuilt from the joined
+    journals (images in name order, categories as one run lists them); text files are copied; JSONL
+    files in the folders are merged in name order, and ``errors.jsonl`` is sorted as a run sorts its own
+    at its end. The caption files the shards wrote
     stay florence-cli's (their ledgers are joined), so a rerun on the merged folder may update them.
     """
     folders = [Path(f) for f in folders]
@@ -57,12 +58,17 @@ def merge(folders: list[Path], output: Path) -> MergeSummary:
     if output.exists() and any(output.iterdir()):
         raise MergeError(f"{output} is not empty; merge into a new folder")
     coco = [_coco_task(folders, name) for name in _same_files(folders, "*.json")]
-    parquet = [file_task(folders[0] / name) for name in _same_files(folders, "*.parquet")]
+    wholes = [folders[0] / name for name in _same_files(folders, "*.parquet")]
+    parquet = [file_task(path) for path in wholes if not is_shard_file(path)]
+    per_shard = _per_shard_tasks(folders)
     target = OutputFolder(output, settings)
     try:
         _join_journals(folders, target)
         join_ledgers([folder / STATE for folder in folders], target.state)
-        images = target.rebuild_files(coco, settings["model"], parquet)
+        with target.journal.sorted() as answers:
+            images = target.rebuild_files(coco, settings["model"], parquet, answers)
+            for task in per_shard:
+                write_shard_files(output, task, answers(task.name))
         text_files = _copy_text_files(folders, output)
         for name in _same_files(folders, "*.jsonl"):
             if name != "errors.jsonl":
@@ -102,6 +108,18 @@ def _common_settings(folders: list[Path]) -> dict:
     if inputs[0] is not None and inputs.count(inputs[0]) == len(inputs):  # shards run elsewhere see
         common = {**(common or {}), "inputs": inputs[0]}  # other paths: their merge records none
     return common or {}
+
+
+def _per_shard_tasks(folders: list[Path]) -> list[Task]:
+    """The tasks whose answers the folders hold in tar shards' own files (``--per-shard``): the merged
+    folder gets each shard's file, of all its samples whichever folder answered them."""
+    tasks = {}
+    for folder in folders:
+        for path in folder.rglob("*.parquet"):
+            if STATE not in path.parts and is_shard_file(path):
+                task = file_task(path)
+                tasks[task.name] = task
+    return [tasks[name] for name in sorted(tasks)]
 
 
 def _same_files(folders: list[Path], pattern: str) -> list[str]:
@@ -154,7 +172,11 @@ def _copy_text_files(folders: list[Path], output: Path) -> int:
 
 def _answer_files(folder: Path) -> Iterator[Path]:
     for task_folder in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        yield from sorted(p for p in task_folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        # (tar shards' own Parquet files are rebuilt from the journals, not copied)
+        files = task_folder.rglob("*")
+        yield from sorted(
+            p for p in files if p.is_file() and not p.name.startswith(".") and p.suffix != ".parquet"
+        )
 
 
 def _merge_jsonl(paths: list[Path], output: Path) -> None:

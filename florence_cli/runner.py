@@ -29,6 +29,8 @@ from .journal import ShardProgress, work_key
 from .outdir import OutputFolder, describe_os_error, stops_the_run
 from .progress import Progress
 from .records import Answer, ImageFailure, ItemResult, counted
+from .shardfiles import ShardFiles
+from .storage import StorageError, filesystem, is_pipe, is_url, upload, use_options
 from .tarshards import ShardEnd
 from .tasks import resolve_task
 from .writers import JsonlSink, StdoutClosed
@@ -140,7 +142,8 @@ def preflight(
 
     1. the options themselves, and against the tasks: batch size, decode processes, caption files
        (``OptionError``);
-    2. ``parquet`` without pyarrow (``ImportError``);
+    2. ``parquet`` or ``per_shard`` without pyarrow (``ImportError``); a URL input or ``upload`` whose
+       scheme's package (fsspec, s3fs …) is missing (``storage.StorageError``);
     3. ``captions.hf_metadata`` without one input folder (``OptionError``);
     4. the checkpoint, without its weights: found, usable, on a device there is, and holding every text
        and ``generation.max_new_tokens`` (``engine.check``: ``ModelLoadError``, ``TaskError``);
@@ -152,9 +155,13 @@ def preflight(
        paths on standard input are checked as they come).
     """
     config.check()
+    use_options(config.storage_options)
     task = caption_task(config.captions, [request.task for request in requests])
-    if config.parquet:
+    if config.parquet or config.per_shard:
         require_pyarrow()
+    for url in [*(i for i in inputs if isinstance(i, str) and is_url(i) and not is_pipe(i)), config.upload]:
+        if url:
+            filesystem(url)  # a scheme without its package; nothing is asked of the store yet
     root = metadata_folder(inputs) if task and config.captions.hf_metadata else None
     model_id = engine.check(requests, config.generation.max_new_tokens)
     known = {"model_id": model_id} if model_id else {}
@@ -252,6 +259,12 @@ class _Run:
         self.progress = progress
         self.captioned_earlier: dict[str, ImageRef] = {}  # images whose caption comes from the journal
         self.earlier_keys: set[bytes] = set()  # answers of earlier runs to stream at the end
+        tasks = list(dict.fromkeys(r.task for r in requests))
+        self.shard_files = (
+            ShardFiles(self.folder.path, tasks, self.folder.journal, config.upload)
+            if config.per_shard
+            else None
+        )
 
     def execute(self, inputs: Iterable[Input], stdin_lines: Iterable[str], engine: Engine) -> RunSummary:
         """Feed ``engine`` the work not done yet and write what comes back; stops cleanly on SIGINT,
@@ -424,7 +437,10 @@ class _Run:
                 )  # fmt: skip
         try:
             self.folder.journal.append(journaled)
-            self.shards.returned((result.item for result in results), {a.file for a in journaled})
+            if self.shard_files:
+                self.shard_files.add(journaled)
+            items = (result.item for result in results)
+            self.shards.returned(items, {a.file for a in journaled}, self._finish_shard)
         except OSError as exc:
             raise _OutputStopped(_cannot_write(self.folder.journal.path, exc)) from exc
         self.summary.annotated += answered
@@ -450,13 +466,30 @@ class _Run:
         except OSError as exc:
             raise _OutputStopped(_cannot_write(self.sink.target, exc)) from exc
 
+    def _finish_shard(self, name: str) -> bool:
+        """A tar shard's samples are all back: write its own files (``per_shard``). One that cannot be
+        written or uploaded fails the shard (a later run writes them), and the run goes on."""
+        if self.shard_files is None:
+            return True
+        try:
+            self.shard_files.finish(name)
+        except StorageError as exc:
+            self.fail(ImageFailure(name, str(exc)))
+            return False
+        except OSError as exc:
+            self._cannot_write_for(name, exc)
+            return False
+        return True
+
     def close(self) -> None:
         """Sort the errors log, rebuild the COCO files from everything the journal holds, stream earlier
-        answers where asked, and release the folder."""
+        answers and upload the files where asked, and release the folder."""
         self.progress.close()
         self.summary.total = self.progress.total
         try:
-            self.shards.commit()  # shards whose samples were all done before this run
+            self.shards.commit(self._finish_shard)  # shards whose samples were all done before this run
+        except _OutputStopped as exc:  # a shard's own file on a full disk
+            self.summary.output_error = str(exc)
         except OSError as exc:
             self.summary.output_error = _cannot_write(self.folder.journal.path, exc)
         self.folder.journal.close()
@@ -472,6 +505,15 @@ class _Run:
                     self.captions.write_metadata(answers(None))
                 if self.earlier_keys and not (self.summary.stopped_by or self.summary.output_error):
                     self._stream_earlier(answers(None))
+            if self.config.upload:
+                rebuilt = [f"{task.slug}.json" for task, _ in coco] + [f"{t.slug}.parquet" for t in parquet]
+                target = self.config.upload.rstrip("/")
+                upload(
+                    [
+                        (str(self.folder.path / name), f"{target}/{name}")
+                        for name in [*rebuilt, "errors.jsonl"]
+                    ]
+                )
         except _OutputStopped as exc:
             self.summary.output_error = str(exc)
         except OSError as exc:

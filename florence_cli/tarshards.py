@@ -7,15 +7,26 @@ sample's image is its first jpg, jpeg, png or webp member. Discovery lists sampl
 headers alone, skipping the data (read here: five times faster than ``tarfile``, which parses every
 field of every header); a decode worker reads the image's bytes at their offset. A cut or damaged
 tar lists the samples before the damage and then says why it stops.
+
+A shard is a local file, a URL (read by ranges, ``storage``), or webdataset's ``pipe:COMMAND``; a
+gzip-compressed one (``.tar.gz``) and a pipe are streams, read front to back once.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
+import subprocess
+import tempfile
+import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from itertools import pairwise
+from typing import BinaryIO
+
+from .storage import PIPE, is_pipe, is_url, open_headers, read_range
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _BLOCK = 512  # a tar block; an archive ends with two zero blocks
@@ -33,6 +44,7 @@ class Member:
     offset: int
     size: int
     shard: str
+    data: bytes | None = field(default=None, repr=False)  # a stream's image, read as it passed
 
 
 @dataclass(frozen=True)
@@ -44,10 +56,21 @@ class ShardEnd:
     name: str
     clean: bool
     skipped: int = 0
+    identity: str = field(default="", compare=False)  # the shard's, as opened (``storage.identity_of``)
+
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 def is_tar_name(path: str) -> bool:
-    return path.lower().endswith(".tar")
+    """Whether ``path`` names a shard: a tar, gzip-compressed or not, or a ``pipe:`` command."""
+    return is_pipe(path) or path.lower().endswith(TAR_SUFFIXES)
+
+
+def shard_stem(path: str) -> str:
+    """A shard's path less its tar suffix (a ``pipe:`` command's: as written)."""
+    lower = path.lower()
+    return next((path[: -len(s)] for s in TAR_SUFFIXES if lower.endswith(s)), path)
 
 
 def split_name(name: str) -> tuple[str, str] | None:
@@ -59,25 +82,30 @@ def split_name(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
-def samples(tar: str, shard: str) -> Iterator[tuple[str, Member | None]]:
-    """Each sample's key and image member (None: it has none), in the tar's order.
+def samples(tar: str, shard: str, size: int | None = None) -> Iterator[tuple[str, Member | None]]:
+    """Each sample's key and image member (None: it has none), in the tar's order (``size``: an object's,
+    where the store said it already).
 
+    A shard that can only be read front to back (``pipe:``, gzip-compressed) has its images' bytes read
+    here, as they pass, and carried in their members; any other is read by ranges later.
     Raises ``ShardError`` where the tar stops being readable, once the samples before that point are
     listed: a truncated tar (the image the cut goes through fails when it is decoded) or a damaged one.
     """
     key, extensions, image = None, set(), None
     try:
-        for name, offset, size in members(tar):
-            split = split_name(name)
-            if split is None:
-                continue
-            if split[0] != key or split[1] in extensions:  # a new key, or the same extension again
-                if key is not None:
-                    yield key, image
-                key, extensions, image = split[0], set(), None
-            extensions.add(split[1])
-            if image is None and split[1] in IMAGE_EXTENSIONS:
-                image = Member(tar, offset, size, shard)
+        with open_shard(tar, size) as (file, end):
+            for name, offset, length in _members_of(file, end):
+                split = split_name(name)
+                if split is None:
+                    continue
+                if split[0] != key or split[1] in extensions:  # a new key, or the same extension again
+                    if key is not None:
+                        yield key, image
+                    key, extensions, image = split[0], set(), None
+                extensions.add(split[1])
+                if image is None and split[1] in IMAGE_EXTENSIONS:
+                    data = file.read(length) if end is None else None  # a stream: now or never
+                    image = Member(tar, offset, length, shard, data=data)
     except ShardError:
         if key is not None:
             yield key, image
@@ -93,32 +121,136 @@ def members(tar: str) -> Iterator[tuple[str, int, int]]:
     Raises ``ShardError`` for a header whose checksum fails, and where the tar ends early: after the
     member that the end cuts in two, or before its end-of-archive block.
     """
+    with open_shard(tar) as (file, end):
+        yield from _members_of(file, end)
+
+
+@contextmanager
+def open_shard(tar: str, size: int | None = None) -> Iterator[tuple[BinaryIO, int | None]]:
+    """A shard opened to read front to back, and its size (an object's, if known: not asked again);
+    None: a stream (``pipe:``, gzip), which cannot seek back. Failures to open or read are
+    ``ShardError``s."""
     try:
-        with open(tar, "rb") as file:
-            end = os.fstat(file.fileno()).st_size
-            offset, extended = 0, {}  # extended: the next member's path and size from a pax or GNU header
-            while True:
-                file.seek(offset)
-                header = file.read(_BLOCK)
-                if header == bytes(_BLOCK):
-                    return
-                if len(header) < _BLOCK:
-                    raise ShardError("truncated: the end-of-archive block is missing")
-                if not _checksum_holds(header):
-                    raise ShardError(f"a damaged member header at byte {offset}")
-                kind, data = header[156:157], offset + _BLOCK
-                size = extended.get("size") or _number(header[124:136])
-                name = extended.get("path") or _header_name(header)
-                extended = {}
-                if kind in _REGULAR:
-                    yield name, data, size
-                if data + size > end:
-                    raise ShardError(f"truncated inside {name}")
-                if kind in _EXTENDED:
-                    extended = _extended(kind, file.read(size))
-                offset = data + -(-size // _BLOCK) * _BLOCK
-    except OSError as exc:
+        with ExitStack() as stack:
+            if is_pipe(tar):
+                file, end = stack.enter_context(_piped(tar[len(PIPE) :])), None
+            elif is_url(tar):
+                file = stack.enter_context(open_headers(tar, size))
+                end = file.size
+            else:
+                file = stack.enter_context(open(tar, "rb"))
+                end = os.fstat(file.fileno()).st_size
+            if _peek(file, len(_GZIP)) == _GZIP:
+                file, end = _Forward(stack.enter_context(gzip.GzipFile(fileobj=file))), None
+            yield file, end
+    except (OSError, EOFError, zlib.error) as exc:  # a gzip stream cut short is an EOFError
         raise ShardError(_reason(exc)) from None
+
+
+def _members_of(file: BinaryIO, end: int | None) -> Iterator[tuple[str, int, int]]:
+    """``members`` of a shard opened by ``open_shard``; a caller may read the data of the member just
+    yielded before asking for the next."""
+    offset, extended, name = 0, {}, ""  # extended: the next member's path and size (pax, GNU header)
+    while True:
+        if file.seek(offset) != offset:  # a stream that ended inside the member before
+            raise ShardError(f"truncated inside {name}")
+        header = file.read(_BLOCK)
+        if header == bytes(_BLOCK):
+            return
+        if len(header) < _BLOCK:
+            raise ShardError("truncated: the end-of-archive block is missing")
+        if not _checksum_holds(header):
+            raise ShardError(f"a damaged member header at byte {offset}")
+        kind, data = header[156:157], offset + _BLOCK
+        size = extended.get("size") or _number(header[124:136])
+        name = extended.get("path") or _header_name(header)
+        extended = {}
+        if kind in _REGULAR:
+            yield name, data, size
+        if end is not None and data + size > end:
+            raise ShardError(f"truncated inside {name}")
+        if kind in _EXTENDED:
+            extended = _extended(kind, file.read(size))
+        offset = data + -(-size // _BLOCK) * _BLOCK
+
+
+_GZIP = b"\x1f\x8b"
+
+
+def _peek(file, size: int) -> bytes:
+    if isinstance(file, _Forward):
+        return file.peek(size)
+    start = file.tell()
+    found = file.read(size)
+    file.seek(start)
+    return found
+
+
+class _Forward:
+    """A stream that seeks forward only, by reading and dropping what it skips (a pipe, a gzip stream);
+    ``seek`` returns the position reached, short of the target where the stream ended."""
+
+    _CHUNK = 1 << 20
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.position = 0
+        self.pending = b""  # read by a peek, not yet given out
+
+    def read(self, size: int) -> bytes:
+        data, self.pending = self.pending[:size], self.pending[size:]
+        while len(data) < size:
+            more = self.stream.read(size - len(data))
+            if not more:
+                break
+            data += more
+        self.position += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self.position
+
+    def peek(self, size: int) -> bytes:
+        """The next ``size`` bytes (fewer at the end), left to be read."""
+        self.pending += self.stream.read(max(size - len(self.pending), 0))
+        return self.pending[:size]
+
+    def seek(self, target: int) -> int:
+        if target < self.position:
+            raise ShardError("a stream cannot be read backwards")
+        while self.position < target and self.read(min(self._CHUNK, target - self.position)):
+            pass
+        return self.position
+
+
+@contextmanager
+def _piped(command: str) -> Iterator[_Forward]:
+    """The standard output of ``command`` (a shell command line, as webdataset's ``pipe:`` runs it); a
+    command that fails is named with the last line it wrote to its standard error."""
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=errors)
+        status = None
+        try:
+            yield _Forward(process.stdout)
+        except ShardError:  # a stream cut short: the command's own failure says why, where it failed
+            status = _stop(process)
+            if status > 0:
+                errors.seek(0)
+                said = errors.read().decode("utf-8", "replace").strip().splitlines()
+                failed = f"the command failed (exit status {status}): {said[-1] if said else ''}"
+                raise ShardError(failed) from None
+            raise
+        finally:
+            if status is None:
+                _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> int:
+    """End a ``pipe:`` command (the rest of a stream that was not read to its end is not wanted)."""
+    process.stdout.close()
+    if process.poll() is None:
+        process.kill()
+    return process.wait()
 
 
 _REGULAR = (b"0", b"\0", b"7")  # tar type flags of regular files
@@ -174,9 +306,14 @@ def _extended(kind: bytes, data: bytes) -> dict:
 
 def read_member(member: Member) -> bytes:
     """The bytes of ``member`` (raises ``ValueError`` where the tar was cut inside it)."""
-    with open(member.tar, "rb") as file:
-        file.seek(member.offset)
-        data = file.read(member.size)
+    if member.data is not None:
+        data = member.data
+    elif is_url(member.tar):
+        data = read_range(member.tar, member.offset, member.size)
+    else:
+        with open(member.tar, "rb") as file:
+            file.seek(member.offset)
+            data = file.read(member.size)
     if len(data) < member.size:
         raise ValueError(f"the tar shard ends inside this image ({len(data)} of {member.size} bytes)")
     if not data:

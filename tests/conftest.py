@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +112,60 @@ class Reference:
 @pytest.fixture(scope="session")
 def reference(tiny_model) -> Reference:
     return Reference(tiny_model)
+
+
+@dataclass
+class S3:
+    """A loopback S3 endpoint (moto's server behind a proxy that injects faults) and a client of it."""
+
+    endpoint: str
+    faults: object  # tests.s3.Faults
+    options: dict  # --storage-options that reach it (retries are florence-cli's alone)
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(skip_instance_cache=True, **self.options)
+
+    def bucket(self, name: str) -> str:
+        """A new empty bucket: its URL."""
+        self.filesystem().mkdir(name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (a free port), with dummy credentials, for the whole session."""
+    pytest.importorskip("s3fs")
+    server_module = pytest.importorskip("moto.server")
+    from .s3 import Faults, start_proxy
+
+    credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    saved = {name: os.environ.get(name) for name in credentials}
+    os.environ.update(credentials)
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    faults = Faults()
+    proxy = start_proxy(server.get_host_and_port(), faults)
+    endpoint = f"http://127.0.0.1:{proxy.server_address[1]}"
+    # neither botocore nor s3fs retries: what is tested is florence-cli's own retrying
+    options = {"endpoint_url": endpoint, "config_kwargs": {"retries": {"max_attempts": 1}}}
+    yield S3(endpoint, faults, options)
+    proxy.shutdown()
+    server.stop()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    import s3fs
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # (a class attribute, not an option)
+    s3_server.faults.clear()
+    yield s3_server
+    s3_server.faults.clear()

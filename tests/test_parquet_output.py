@@ -111,3 +111,30 @@ def test_a_run_writes_every_answer_of_the_folder_readable_by_pandas_datasets_and
     assert [(bboxes, text) for _, _, bboxes, text in rows] == [
         (row["bboxes"], caption["text"]) for row, caption in zip(od, captions, strict=True)
     ]
+
+
+def test_the_docs_join_img2dataset_metadata_with_the_captions(tmp_path, monkeypatch):
+    """docs/datasets.md's snippet, run as written, on a folder laid out as img2dataset's (a .tar beside
+    each .parquet): it reads only the .parquet files."""
+    pandas = pytest.importorskip("pandas")
+    monkeypatch.chdir(tmp_path)
+    keys = ["000000000", "000000001", "000010000"]
+    for shard, shard_keys in (("00000", keys[:2]), ("00001", keys[2:])):
+        write_shard(Path(f"shards/{shard}.tar"), [(k, {"jpg": b"x"}) for k in shard_keys])
+        pandas.DataFrame({"key": shard_keys, "url": [f"https://x/{k}.jpg" for k in shard_keys]}).to_parquet(
+            f"shards/{shard}.parquet"
+        )
+    task = resolve_task("MORE_DETAILED_CAPTION")
+    answers = [
+        _answer("MORE_DETAILED_CAPTION", f"shards/{k[:5]}/{k}", f"shards/{k[:5]}", text=f"t{k}") for k in keys
+    ]
+    Path("labels").mkdir()
+    parquet.write_parquet(Path("labels/more_detailed_caption.parquet"), task, answers)
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "datasets.md").read_text(encoding="utf-8")
+    snippet = readme.split("```python\nimport glob\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec("import glob\n" + snippet, scope)
+    joined = scope["joined"]
+    assert sorted(joined["key"]) == keys and list(joined.sort_values("key")["text"]) == [
+        f"t{k}" for k in keys
+    ]

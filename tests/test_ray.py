@@ -359,6 +359,7 @@ def test_driver_killed_then_resumed_gives_the_uninterrupted_output_files(
     assert 0 < done_before < 12 * len(TASKS), "the kill must land mid-run"
     rerun = subprocess.run(command, capture_output=True, text=True, env=_cli_env())
     assert rerun.returncode == 1, rerun.stderr  # junk.png
+    assert rerun.stderr.splitlines() == ["error: junk.png: not a readable image"]  # -q: Ray's C++ lines too
     assert output_files(out) == output_files(
         local_runs(1)
     )  # batches of one: a resumed run makes the same batches

@@ -60,3 +60,33 @@ def test_ray_on_shards_writes_the_files_of_a_local_run(cluster, tiny_model, tmp_
     assert errors == [{"file": "shards/00001/bad", "error": "not a readable image"}]
     done = [r["shard"] for r in read_jsonl(Path("ray/.florence/journal.jsonl")) if "done" in r]
     assert done == ["shards/00000"]  # the shard with a failed sample is opened again by a rerun
+
+
+def test_ray_reads_shards_from_the_store_with_nothing_shared(cluster, s3, tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    """Workers get the URLs and the run's storage options, and read from the store themselves."""
+    from dataclasses import replace
+
+    monkeypatch.chdir(tmp_path)
+    bucket = f"ray-{tmp_path.name[-12:].lower().replace('_', '-')}"
+    for s in range(2):
+        samples = [(f"k{s}{k}", {"jpg": image_bytes(random_image(10 * s + k), "JPEG")}) for k in range(4)]
+        write_shard(Path(f"{bucket}/shards/{s:05d}.tar"), samples)
+    url = s3.bucket(bucket)
+    s3.filesystem().put(f"{bucket}/", f"{bucket}/", recursive=True)
+    engine = _engine(tiny_model, tmp_path / "probes")
+    local = _run(engine, [f"{bucket}/shards/*.tar"], "local", TASKS, parquet=True)
+    # the nodes started before the store's credentials were in this environment: they travel as options
+    options = {**s3.options, "key": "testing", "secret": "testing"}
+    engine = _engine(tiny_model, tmp_path / "probes")
+    engine.config = replace(engine.config, storage_options=options)  # as the CLI builds both from one
+    remote = _run(engine, [f"{url}/shards/*.tar"], "remote", TASKS, parquet=True, storage_options=options)
+    assert (remote.annotated, remote.failed) == (local.annotated, local.failed) == (8, 0)
+    assert output_files(Path("remote")) == output_files(Path("local"))
+
+
+def test_workers_get_urls_as_they_are():
+    from florence_cli.ray_engine.stages import batch_rows
+
+    work = [_item("b/s/0", "s3://b/s.tar"), _item("b/s/1", "s3://b/s.tar")]
+    [row] = batch_rows(work, [0, 1], 2)
+    assert [source.tar for source in row.source] == ["s3://b/s.tar"] * 2

@@ -171,9 +171,9 @@ def _opened(monkeypatch) -> list[str]:
     opened: list[str] = []
     real_samples = tarshards.samples
 
-    def spy(tar, shard):
+    def spy(tar, shard, size=None):
         opened.append(tar)
-        return real_samples(tar, shard)
+        return real_samples(tar, shard, size)
 
     monkeypatch.setattr("florence_cli.discover.samples", spy)
     return opened

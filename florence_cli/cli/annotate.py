@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -17,7 +18,7 @@ import click
 from ..config import PRODUCTS
 from ..discover import printable
 from ..tasks import OptionError, TaskError, worded
-from .options import Refusal, echo_err, quiet_libraries
+from .options import Refusal, echo_err, quiet_libraries, quiet_native_stderr
 
 
 def _shard(ctx, param, value: str | None):
@@ -45,6 +46,18 @@ def _min_score(ctx, param, value: float | None) -> float | None:
     if value is not None and math.isnan(value):
         raise click.BadParameter("must be a number from 0 to 1, got nan")
     return value
+
+
+def _storage_options(ctx, param, value: str | None) -> dict | None:
+    if value is None:
+        return None
+    try:
+        options = json.loads(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise click.BadParameter("a JSON object of keyword arguments, e.g. '{\"anon\": true}'")
+    return options
 
 
 def _device(ctx, param, value: str) -> str:
@@ -98,7 +111,14 @@ signals, the same command resumes."""
     callback=_min_score,
     help="Drop instances scored below this.",
 )
-@click.option("-o", "--output", default="florence-out", show_default=True, type=click.Path(file_okay=False))
+@click.option(
+    "-o",
+    "--output",
+    default="florence-out",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Output folder, or a URL (s3://…) that finished files are uploaded to.",
+)
 @click.option(
     "-m",
     "--model",
@@ -157,6 +177,17 @@ signals, the same command resumes."""
 @click.option("--key-column", metavar="COL", help="--from-parquet: name each image by this column.")
 @click.option(
     "--parquet", is_flag=True, help="Also write OUT/<task>.parquet, a row per image and task (needs pyarrow)."
+)
+@click.option(
+    "--per-shard",
+    is_flag=True,
+    help="Write each tar shard's answers to OUT/<shard>.<task>.parquet as soon as the shard is done.",
+)
+@click.option(
+    "--storage-options",
+    metavar="JSON",
+    callback=_storage_options,
+    help='fsspec options for URL inputs and outputs, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'.',
 )
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin weights (they can run code).")
 @click.option(
@@ -238,8 +269,9 @@ signals, the same command resumes."""
     help="--engine ray: decode tasks at once (default: spare CPUs).",
 )
 def annotate(inputs: tuple[str, ...], **flags) -> None:
-    """Annotate images (files, folders, WebDataset .tar shards or patterns of them such as
-    'shards/{00000..00099}.tar', or - for paths on stdin) with Florence-2 tasks; `florence tasks` lists
+    """Annotate images (files, folders, WebDataset .tar/.tar.gz shards or patterns of them such as
+    'shards/{00000..00099}.tar', URLs of any of them such as 's3://bucket/shards/{00000..00099}.tar',
+    webdataset's 'pipe:COMMAND', or - for paths on stdin) with Florence-2 tasks; `florence tasks` lists
     them. The same command resumes a stopped run.
 
     \b
@@ -285,6 +317,7 @@ def _annotate(inputs: tuple[str, ...], flags: dict):
     from ..jobs import parse_requests, split_texts
     from ..outdir import OutputError
     from ..runner import run
+    from ..storage import StorageError
 
     try:
         requests = parse_requests(
@@ -301,7 +334,7 @@ def _annotate(inputs: tuple[str, ...], flags: dict):
         raise click.UsageError(exc.worded(FLAGS)) from None
     except TaskError as exc:
         raise click.UsageError(str(exc)) from None
-    except (ModelLoadError, OutputError, EngineError, ImportError) as exc:
+    except (ModelLoadError, OutputError, EngineError, ImportError, StorageError) as exc:
         raise Refusal(str(exc)) from None
 
 
@@ -343,6 +376,8 @@ def _engine(flags: dict, config):
         ray_engine = import_module("..ray_engine", __package__)
     except ImportError as exc:
         raise Refusal(f"--engine ray needs Ray Data: pip install 'florence-cli[ray]' ({exc})") from None
+    if flags["quiet"]:
+        quiet_native_stderr()
     options = ray_engine.RayOptions(flags["ray_address"], flags["gpu_workers"], flags["decode_cpus"])
     return ray_engine.RayEngine(config, options)
 
@@ -364,12 +399,23 @@ def _config(flags: dict):
         num_beams=flags["num_beams"], max_new_tokens=flags["max_new_tokens"],
         no_repeat_ngram_size=flags["no_repeat_ngram_size"],
     )  # fmt: skip
+    output, upload = _output(flags["output"])
     return RunConfig(
-        model=model, output=Path(flags["output"]), batch_size=flags["batch_size"], generation=generation,
+        model=model, output=output, batch_size=flags["batch_size"], generation=generation,
         min_score=flags["min_score"], workers=flags["workers"], overwrite=flags["overwrite"],
         jsonl=flags["jsonl"], jsonl_all=flags["jsonl_all"], parquet=flags["parquet"],
-        progress=not flags["quiet"], shard=flags["shard"],
+        progress=not flags["quiet"], shard=flags["shard"], per_shard=flags["per_shard"], upload=upload,
+        storage_options=flags["storage_options"],
     )  # fmt: skip
+
+
+def _output(output: str) -> tuple[Path, str | None]:
+    """The output folder, and the URL its finished files go to when ``-o`` is one: the folder is then a
+    local one of that URL's own (``output_cache``), where the journal stays, so the same command
+    resumes."""
+    from ..storage import is_url, output_cache
+
+    return (output_cache(output), output) if is_url(output) else (Path(output), None)
 
 
 def _caption_options(flags: dict):
@@ -390,8 +436,11 @@ def _stdin_lines(inputs: tuple[str, ...]):
     """Paths on standard input for ``-`` (as the file system spells them, bytes that are not UTF-8
     too); every other input must exist, or be a pattern that names something that does."""
     from ..discover import expand_pattern
+    from ..storage import is_url
 
     for item in inputs:
+        if is_url(item):  # checked as it is read: a missing object is its own error line, not a refusal
+            continue
         if item != "-" and not any(os.path.lexists(path) for path in expand_pattern(item)):
             raise click.UsageError(f"{printable(item)}: no such file or folder")
     if "-" not in inputs:

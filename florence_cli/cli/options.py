@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -20,6 +21,19 @@ def quiet_libraries(quiet: bool) -> None:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
+
+
+def quiet_native_stderr() -> None:
+    """``-q`` with Ray: Ray's C++ core writes its log lines (``core_worker.cc … E``) to file descriptor 2
+    itself, past Python's logging, and its own switch (``RAY_BACKEND_LOG_LEVEL``) prints a line of its
+    own in every process. So descriptor 2 goes nowhere, and Python's ``sys.stderr`` — every line this
+    command writes, Ray's failures included — keeps the terminal on a copy of it."""
+    kept = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stderr.flush()
+    sys.stderr = os.fdopen(kept, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
 
 
 def echo_err(message: str) -> None:

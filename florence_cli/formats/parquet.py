@@ -9,10 +9,14 @@ Columns: ``name`` (the output name), ``shard`` and ``key`` (a tar shard's sample
 ``width``, ``height``, ``raw`` (the generated text), then the parsed answer: ``text`` for text tasks;
 else one list entry per instance — ``labels``, ``scores``, and ``bboxes`` (``[x1, y1, x2, y2]``),
 ``polygons`` (each ``[x1, y1, x2, y2, ...]``) or ``quads`` (OCR: four corners), as the task gives.
+
+``--per-shard`` writes each tar shard's rows to a file of its own, ``<shard>.<task>.parquet``, when the
+shard is finished (``shard_file``); its schema names the shard.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from ..tasks import Output, Task, resolve_task
 from ..writers import atomic_writer
 
 TASK_KEY = "florence_task"  # schema metadata: the task a file holds
+SHARD_KEY = "florence_shard"  # schema metadata of a shard's own file (``--per-shard``): the shard
 
 ROWS = 10_000  # rows per row group
 
@@ -50,8 +55,8 @@ _INSTANCE: dict[str, Callable[[Instance], object]] = {
 }
 
 
-def schema(task: Task):
-    """The Arrow schema of ``task``'s file."""
+def schema(task: Task, shard: str | None = None):
+    """The Arrow schema of ``task``'s file (a tar shard's own, if ``shard`` is given)."""
     import pyarrow as pa
 
     floats = pa.list_(pa.float64())
@@ -64,14 +69,41 @@ def schema(task: Task):
         if task.output is Output.TEXT
         else [(c, types[c]) for c in _parsed_columns(task)]
     )
-    return pa.schema([*common, *parsed], metadata={TASK_KEY: task.name})  # the task, for florence merge
+    metadata = {TASK_KEY: task.name, **({SHARD_KEY: shard} if shard is not None else {})}
+    return pa.schema([*common, *parsed], metadata=metadata)  # the task (and shard), for florence merge
 
 
 def file_task(path: Path) -> Task:
     """The task a Parquet file of ours holds (its name alone does not tell a free prompt's)."""
+    return resolve_task(_metadata(path)[TASK_KEY.encode()].decode("utf-8"))
+
+
+def is_shard_file(path: Path) -> bool:
+    """Whether ``path`` is one tar shard's file (``--per-shard``), not a whole folder's."""
+    return SHARD_KEY.encode() in _metadata(path)
+
+
+def _metadata(path: Path) -> dict:
     import pyarrow.parquet as pq
 
-    return resolve_task(pq.read_schema(path).metadata[TASK_KEY.encode()].decode("utf-8"))
+    return pq.read_schema(path).metadata or {}
+
+
+def shard_file(folder: Path, shard: str, task: Task) -> Path:
+    """Where ``--per-shard`` writes a tar shard's answers to ``task``: ``<shard>.<task>.parquet``, so a
+    dataset's labels lie beside its shards as img2dataset lays out its own Parquet files."""
+    return folder / f"{shard}.{task.slug}.parquet"
+
+
+def write_shard_files(folder: Path, task: Task, answers: Iterable[Answer]) -> list[Path]:
+    """Each tar shard's file of ``task`` from ``answers`` in name order (a shard's answers are adjacent
+    in it, as its samples' names share their first parts); answers of no shard are left out."""
+    written = []
+    for shard, group in itertools.groupby(answers, key=lambda a: a.shard):
+        if shard is not None:
+            written.append(shard_file(folder, shard, task))
+            write_parquet(written[-1], task, group, shard)
+    return written
 
 
 def _parsed_columns(task: Task) -> tuple[str, ...]:
@@ -89,12 +121,13 @@ def row(answer: Answer) -> dict:
     return {**values, **parsed}
 
 
-def write_parquet(path: Path, task: Task, answers: Iterable[Answer]) -> int:
-    """Write ``task``'s answers (in the order given) to ``path``, atomically; returns the rows written."""
+def write_parquet(path: Path, task: Task, answers: Iterable[Answer], shard: str | None = None) -> int:
+    """Write ``task``'s answers (in the order given) to ``path``, atomically; returns the rows written.
+    ``shard``: the file is that tar shard's own (``--per-shard``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table_schema = schema(task)
+    table_schema = schema(task, shard)
     written = 0
     with atomic_writer(path, "wb") as file, pq.ParquetWriter(file, table_schema) as writer:
         rows: list[dict] = []

@@ -169,7 +169,8 @@ class RayEngine:
         with warnings.catch_warnings():  # Ray 2.60 deprecates these retry arguments but has no replacement
             warnings.simplefilter("ignore", RayDeprecationWarning)
             dataset = ray.data.read_datasource(
-                BatchSource(groups, self.resize), override_num_blocks=len(groups), num_cpus=1,
+                BatchSource(groups, self.resize, self.config.storage_options),
+                override_num_blocks=len(groups), num_cpus=1,
                 concurrency=min(placement.decode_cpus, len(groups)), ray_remote_args={"max_retries": 1},
             )  # fmt: skip
         context = dataset.context

@@ -25,6 +25,7 @@ from ..device_errors import DeviceFailure
 from ..engine import batches
 from ..jobs import Job, WorkItem
 from ..records import Answer, ImageFailure
+from ..storage import is_url, use_options
 from ..tarshards import Member
 from .cluster import RayEngineError
 
@@ -63,10 +64,14 @@ def batch_rows(work: list[WorkItem], indices: list[int], size: int) -> list[Batc
 
 def _source(item: WorkItem) -> str | Member:
     """Where a worker reads the image: the driver's paths, made absolute (a worker's working directory is
-    not the driver's)."""
+    not the driver's); a URL as it is, so that workers read from the store, with no shared file system."""
     if item.member is None:
-        return os.path.abspath(item.path)
-    return replace(item.member, tar=os.path.abspath(item.member.tar))
+        return _absolute(item.path)
+    return replace(item.member, tar=_absolute(item.member.tar))
+
+
+def _absolute(path: str) -> str:
+    return path if is_url(path) else os.path.abspath(path)
 
 
 def read_groups(rows: list[BatchRow]) -> list[list[BatchRow]]:
@@ -147,10 +152,11 @@ class BatchSource(ray.data.Datasource):
     """The decode stage, as a datasource: one read task per group of rows (``read_groups``: the model
     batches that start in one tar shard, or one batch of files), yielding a block per row."""
 
-    def __init__(self, groups: list[list[BatchRow]], spec: ResizeSpec):
+    def __init__(self, groups: list[list[BatchRow]], spec: ResizeSpec, storage_options: dict | None = None):
         super().__init__()
         self.groups = groups
         self.spec = spec
+        self.storage_options = storage_options  # the run's, for the URLs a worker reads
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -160,13 +166,15 @@ class BatchSource(ray.data.Datasource):
 
         return [
             ray.data.ReadTask(
-                partial(_decode_rows, group, self.spec), BlockMetadata(len(group), None, None, None)
+                partial(_decode_rows, group, self.spec, self.storage_options),
+                BlockMetadata(len(group), None, None, None),
             )
             for group in self.groups
         ]
 
 
-def _decode_rows(rows: list[BatchRow], spec: ResizeSpec) -> Iterator[pa.Table]:
+def _decode_rows(rows: list[BatchRow], spec: ResizeSpec, storage_options: dict | None) -> Iterator[pa.Table]:
+    use_options(storage_options)  # a worker on another node has not the driver's environment
     for row in rows:
         yield DecodedRow.decode(row, spec).block()
 
