@@ -88,7 +88,8 @@ class BatchAnswerer:
             elif (failure := device_failure(exc)) is not None:
                 raise DeviceFailure(failure) from exc
             if len(images) == 1:
-                return [ImageFailure(images[0].ref.name, f"generation failed: {type(exc).__name__}: {exc}")]
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "an error with no message"
+                return [ImageFailure(images[0].ref.name, f"generation failed: {reason}")]
             half = len(images) // 2
             return self.answer_safely(images[:half]) + self.answer_safely(images[half:])
 

@@ -66,9 +66,7 @@ def test_an_image_that_breaks_generation_fails_alone(florence_model, tmp_path, m
     failures = []
     summary = annotator.run([str(folder)], tmp_path / "out", ["OD"], on_error=failures.append)
     assert summary.exit_code == 1 and summary.annotated == 4
-    assert [(f.name, f.reason) for f in failures] == [
-        (paths[3].name, "generation failed: RuntimeError: bad kernel")
-    ]
+    assert [(f.name, f.reason) for f in failures] == [(paths[3].name, "generation failed: bad kernel")]
 
 
 def _pixels(annotator, path):

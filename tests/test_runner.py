@@ -72,7 +72,7 @@ class FakeEngine:
 
     def _answer(self, item) -> ItemResult:
         if item.name in self.failing:
-            return ItemResult(item, failure=ImageFailure(item.name, "generation failed: RuntimeError: bad"))
+            return ItemResult(item, failure=ImageFailure(item.name, "generation failed: bad"))
         raw = {**RAW, "CAPTION": self.captions.get(item.name, RAW["CAPTION"])}
         answers = [parse_answer(job.task, raw[job.task.name], 640, 480) for job in item.jobs]
         return ItemResult(item, 640, 480, answers=answers)
