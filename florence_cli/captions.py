@@ -88,8 +88,7 @@ class CaptionFiles:
         self.claimed_ahead = False  # every image's sidecar claimed before the run (see ``claim``)
         self.kept: list[str] = []  # files kept as they were, the first few (for the user)
         self.kept_count = 0
-        self.empty: list[str] = []  # images whose answer was empty: no caption file (the first few)
-        self.empty_count = 0
+        self.empty_count = 0  # images whose answer was empty: no caption file
         self._written = set()  # digests of (path, SHA-256) written by florence-cli
         self._read_ledger(state / LEDGER, None)
         self._ledgers: dict[str, IO[str] | None] = {}  # by folder (resolved): read, then appended to
@@ -147,8 +146,6 @@ class CaptionFiles:
         answer is empty (counted). A file that cannot be written is an ``OSError`` naming it."""
         if not text.strip():
             self.empty_count += 1
-            if len(self.empty) < 20:
-                self.empty.append(image.name)
             return
         data = self.caption(text).encode("utf-8")
         target = self.sidecar_path(image)
@@ -199,20 +196,24 @@ class CaptionFiles:
             self.kept.append(str(target))
         return False
 
-    def _mine(self, target: Path, sha256: str) -> bool:
+    def _folder(self, target: Path) -> str:
+        """``target``'s folder (links resolved), its ledger read the first time it is asked for."""
         folder = os.path.realpath(target.parent)
         if folder not in self._ledgers:
             self._read_ledger(Path(folder, FOLDER_LEDGER), folder)
             self._ledgers[folder] = None  # read; opened for appending when a file is written here
+        return folder
+
+    def _mine(self, target: Path, sha256: str) -> bool:
+        self._folder(target)
         return _entry_digest(_key(target), sha256) in self._written
 
     def _record(self, target: Path, sha256: str) -> None:
+        folder = self._folder(target)  # its earlier entries first
         entry = _entry_digest(_key(target), sha256)
         if entry in self._written:
             return
-        folder = os.path.realpath(target.parent)
-        if self._ledgers.get(folder) is None:
-            self._mine(target, sha256)  # its earlier entries first
+        if self._ledgers[folder] is None:
             self._ledgers[folder] = open(Path(folder, FOLDER_LEDGER), "a", encoding="utf-8")  # noqa: SIM115
         # ASCII escapes: a name that is not UTF-8 (surrogates) still makes a line
         self._ledgers[folder].write(json.dumps({"name": target.name, "sha256": sha256}) + "\n")

@@ -85,7 +85,7 @@ class LocalEngine:
 
         # a device this machine lacks, before the output folder is touched
         self._check_workers(resolve_device(model.device).type)
-        Preprocessing.load(model.name, model.allow_pickle).check(requests, max_new_tokens)
+        Preprocessing.load(folder).check(requests, max_new_tokens)
         return model_identity(folder)
 
     def _check_workers(self, device_type: str) -> None:

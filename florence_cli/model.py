@@ -95,9 +95,9 @@ class Preprocessing:
         self._prompt_ids: dict[str, list[int]] = {}
 
     @classmethod
-    def load(cls, model: str, allow_pickle: bool = False) -> Preprocessing:
-        """A checkpoint's preprocessing, from a folder or the Hub, without reading its weights."""
-        folder = locate_model(model, allow_pickle=allow_pickle)
+    def load(cls, folder: Path) -> Preprocessing:
+        """The preprocessing of the checkpoint in ``folder`` (``checkpoint.locate_model``'s), without
+        reading its weights."""
         processor, config = load_processor(folder, with_config=True)
         return cls(processor, config.text_config.max_position_embeddings)
 

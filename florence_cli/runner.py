@@ -80,11 +80,11 @@ class RunSummary:
 
     def line(self) -> str:
         """One line for the user: the counts, or why the run stopped and how far it got."""
-        done = self.annotated + self.skipped
+        finished = self.annotated + self.skipped
         done = (
-            f"{done} of {counted(self.total, 'image')} are done"
+            f"{finished} of {counted(self.total, 'image')} are done"
             if self.total is not None
-            else f"{done} of {counted(self.images, 'image')} found so far are done"
+            else f"{finished} of {counted(self.images, 'image')} found so far are done"
         )
         if self.output_error:
             return f"error: {self.output_error}; {done}; once fixed, run the same command to finish"
@@ -321,8 +321,7 @@ class _Run:
                 self.progress.update(found.skipped)
                 self.shards.ended(found)
                 continue
-            shard = self.config.shard
-            if shard and not shard.takes(found.name if isinstance(found, ImageRef) else found.path):
+            if not _takes(self.config.shard, found):
                 continue
             if isinstance(found, Duplicate):
                 self.summary.duplicates += 1
@@ -337,6 +336,7 @@ class _Run:
                 self.progress.update(1)
                 continue
             if not self._claim_caption(found):
+                self.progress.update(1)
                 continue
             planned, failures = plan_jobs(found, self.requests)
             for failure in failures:
@@ -354,9 +354,10 @@ class _Run:
             self.shards.planned(found, len(planned), pending=bool(jobs), failed=bool(failures))
             if jobs:
                 yield WorkItem(found.path, found.name, found.order, tuple(jobs), member=found.member)
-            elif not failures:
+                continue
+            if not failures:
                 self.summary.skipped += 1
-                self.progress.update(1)
+            self.progress.update(1)  # not sent: done earlier, or failed in planning
 
     def _claim_caption(self, image: ImageRef) -> bool:
         """Paths read from standard input were not checked ahead: the second image of a pair that would
@@ -375,21 +376,15 @@ class _Run:
         --sidecar, or with another prefix), from the journal's answers."""
         for answer in answers:
             image = self.captioned_earlier.get(answer.file)
-            if image is None:
-                continue
-            try:
-                self.sidecars.write_sidecar(image, answer.text)
-            except OSError as exc:
-                self._cannot_write_caption(image.name, exc)
+            if image is not None:
+                self._write_caption(image, answer)
 
-    def _write_caption(self, image: ImageRef, answers: list[Answer]) -> None:
-        """``image``'s caption file, from its answer of the caption task (if it had that job)."""
-        for answer in answers:
-            if answer.task == self.sidecars.task:
-                try:
-                    self.sidecars.write_sidecar(image, answer.text)
-                except OSError as exc:
-                    self._cannot_write_caption(image.name, exc)
+    def _write_caption(self, image: ImageRef, answer: Answer) -> None:
+        """``image``'s caption file, from its answer of the caption task."""
+        try:
+            self.sidecars.write_sidecar(image, answer.text)
+        except OSError as exc:
+            self._cannot_write_caption(image.name, exc)
 
     def _cannot_write_caption(self, name: str, exc: OSError) -> None:
         """A caption file that cannot be written: the image fails with one line naming the file, or, when
@@ -447,8 +442,9 @@ class _Run:
         self.summary.answers += len(journaled)
         if self.sidecars:  # after the journal: a caption file that cannot be written loses no answer
             for result in results:
-                if result.answers:
-                    self._write_caption(result.item, result.answers)
+                for answer in result.answers or ():
+                    if answer.task == self.sidecars.task:
+                        self._write_caption(result.item, answer)
         self.progress.update(len(results))
         if self.sink:
             try:
@@ -535,13 +531,19 @@ def _images_among(found: Iterable, shard: Shard | None) -> int | None:
 
     def counts(item) -> bool:
         if isinstance(item, InputError):  # a missing shard is no image
-            return not item.shard and (shard is None or shard.takes(item.path))
-        return isinstance(item, ImageRef) and (shard is None or shard.takes(item.name))
+            return not item.shard and _takes(shard, item)
+        return isinstance(item, ImageRef) and _takes(shard, item)
 
     try:
         return sum(1 for item in found if counts(item))
     except OSError:
         return None
+
+
+def _takes(shard: Shard | None, found) -> bool:
+    """Whether ``--shard``'s share holds what discovery found: an image by its name, an unusable input by
+    its path (the run's only, without a shard)."""
+    return shard is None or shard.takes(found.name if isinstance(found, ImageRef) else found.path)
 
 
 def _cannot_write(path, exc: OSError) -> str:

@@ -30,6 +30,7 @@ from .helpers import output_files, read_jsonl
 RAW = {
     "OD": "</s><s>car<loc_53><loc_334><loc_147><loc_582>door handle<loc_10><loc_20><loc_30><loc_40></s>",
     "CAPTION": "</s><s>A green car parked in front of a yellow building.</s>",
+    "CAPTION_TO_PHRASE_GROUNDING": "</s><s>a car<loc_10><loc_20><loc_30><loc_40></s>",
 }
 POSITIONS = 1024  # the fake checkpoint's limit on generated tokens
 
@@ -418,3 +419,17 @@ def test_a_terminal_hears_that_the_model_loads_before_the_bar(tmp_path):
     progress.close()
     shown = terminal.getvalue()
     assert "florence: loading tiny-model…\n" in shown and shown.index("loading") < shown.index("1/4")
+
+
+def test_progress_counts_images_that_fail_before_they_are_sent(images, tmp_path, monkeypatch, capsys):
+    from florence_cli.progress import Progress
+
+    monkeypatch.setenv("FLORENCE_PROGRESS_EVERY", "0")
+    monkeypatch.setattr(Progress, "count_in_background", lambda progress, count: progress.set_total(count()))
+    texts = tmp_path / "texts.csv"
+    texts.write_text("".join(f"img0{i}.png,a car\n" for i in range(4)))  # img04.png has no text
+    requests = parse_requests(["CAPTION_TO_PHRASE_GROUNDING"], text_file=texts)
+    config = replace(RunConfig(output=tmp_path / "out"), progress=True)
+    summary = runner.run([str(images)], requests, config, FakeEngine(failing=("img00.png",)))
+    assert (summary.failed, summary.annotated, summary.total) == (2, 3, 5)  # img04.png failed in planning
+    assert capsys.readouterr().err.splitlines()[-1].startswith("florence: 5/5 images (100%)")

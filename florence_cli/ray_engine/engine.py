@@ -87,12 +87,12 @@ class RayEngine:
         from ..checkpoint import locate_model, model_identity
         from ..model import Preprocessing, compute_threads
 
-        model = self.config.model
-        preprocessing = Preprocessing.load(model.name, model.allow_pickle)
+        folder = locate_model(self.config.model.name, self.config.model.allow_pickle)
+        preprocessing = Preprocessing.load(folder)
         preprocessing.check(requests, max_new_tokens)
         self.resize = preprocessing.resize_spec
         self.threads = compute_threads()  # CPU replicas use as many, for the same bytes
-        return model_identity(locate_model(model.name, model.allow_pickle))
+        return model_identity(folder)
 
     def start(self) -> Started:
         """Join the cluster (or start Ray here) and size the job; idempotent. The products mode is the one
