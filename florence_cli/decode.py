@@ -12,10 +12,7 @@ import ast
 import io
 import multiprocessing
 import os
-import signal
 import sys
-import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -26,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .discover import ImageRef
+from .interrupts import helper_process_setup
 from .storage import is_url, read_all
 from .tarshards import Member, read_member
 
@@ -125,22 +123,22 @@ def decode_stream(
 ) -> Iterator[DecodedImage | DecodeFailure]:
     """Decode ``refs`` in order, with ``workers`` processes (0: in this process).
 
-    At most ``prefetch`` images (default ``4 * workers``) are in flight, so memory stays flat. A worker
-    that dies (a decoder crash) is replaced; the images it may have held are retried one at a time and
-    the one that kills a worker on its own is reported as a failure.
+    At most ``prefetch`` images (default ``2 * CHUNK * workers``: two chunks a process) are in flight,
+    so memory stays flat. A worker that dies (a decoder crash) is replaced; the images it may have held
+    are retried one at a time and the one that kills a worker on its own is reported as a failure.
     """
     if workers <= 0:
         for ref in refs:
             yield _result(ref, decoder(ref.source, spec))
         return
     pool = _WorkerPool(spec, workers, decoder)
-    window = max(prefetch, 4 * workers)
+    window = max(prefetch, 2 * CHUNK * workers)
     try:
         for ref in refs:
-            pool.submit(ref)
-            while len(pool.pending) >= window:
+            pool.add(ref)
+            while pool.in_flight >= window:
                 yield from pool.emit_oldest()
-        while pool.pending:
+        while pool.in_flight:
             yield from pool.emit_oldest()
     finally:
         pool.close()
@@ -162,49 +160,62 @@ def unguarded_main_script() -> str | None:
     return None if any("__name__" in test and "__main__" in test for test in tests) else path
 
 
-def _worker_setup() -> None:
-    """In each decode process: Ctrl-C is the parent's to handle (a terminal sends it to every process of
-    the job), and the process ends with its parent, even one killed with SIGKILL (nothing else would
-    end it: it waits on a queue that it holds open itself)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent = os.getppid()
+CHUNK = 4  # images a decode process is sent at a time: a round trip through the pool's queues each
 
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(0)
 
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+def _decode_chunk(decoder: Decoder, sources: list[str | Member], spec: ResizeSpec) -> list:
+    return [decoder(source, spec) for source in sources]
 
 
 class _WorkerPool:
-    """Decode processes with a queue of in-flight images, replaced whole if a worker dies."""
+    """Decode processes with a queue of in-flight chunks of images, replaced whole if a worker dies."""
 
     def __init__(self, spec: ResizeSpec, workers: int, decoder: Decoder):
         self.spec, self.workers, self.decoder = spec, workers, decoder
         self.context = multiprocessing.get_context("spawn")  # never fork a process holding CUDA/threads
         self.executor = self._executor(workers)
-        self.pending: deque[tuple[ImageRef, Future]] = deque()
+        self.pending: deque[tuple[list[ImageRef], Future]] = deque()
+        self.waiting: list[ImageRef] = []  # the next chunk, not sent yet
+        self.in_flight = 0
 
     def _executor(self, workers: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=workers, mp_context=self.context, initializer=_worker_setup)
+        return ProcessPoolExecutor(
+            max_workers=workers, mp_context=self.context, initializer=helper_process_setup
+        )
 
-    def submit(self, ref: ImageRef) -> None:
-        self.pending.append((ref, self.executor.submit(self.decoder, ref.source, self.spec)))
+    def add(self, ref: ImageRef) -> None:
+        self.waiting.append(ref)
+        self.in_flight += 1
+        if len(self.waiting) == CHUNK:
+            self._send()
+
+    def _send(self) -> None:
+        sources = [ref.source for ref in self.waiting]
+        self.pending.append(
+            (self.waiting, self.executor.submit(_decode_chunk, self.decoder, sources, self.spec))
+        )
+        self.waiting = []
 
     def emit_oldest(self) -> Iterator[DecodedImage | DecodeFailure]:
-        ref, future = self.pending[0]
+        """The oldest chunk's images, decoded or failed, in order."""
+        if not self.pending:
+            self._send()
+        refs, future = self.pending[0]
         try:
-            outcome = future.result()
+            outcomes = future.result()
         except BrokenProcessPool:
             # Everything in flight went down with the pool: isolate each image in a fresh process.
             self.close()
             while self.pending:
-                yield self._isolated(self.pending.popleft()[0])
+                for ref in self.pending.popleft()[0]:
+                    self.in_flight -= 1
+                    yield self._isolated(ref)
             self.executor = self._executor(self.workers)
             return
         self.pending.popleft()
-        yield _result(ref, outcome)
+        self.in_flight -= len(refs)
+        for ref, outcome in zip(refs, outcomes, strict=True):
+            yield _result(ref, outcome)
 
     def _isolated(self, ref: ImageRef) -> DecodedImage | DecodeFailure:
         with self._executor(1) as solo:
