@@ -26,6 +26,7 @@ from typing import IO
 from .config import CaptionOptions
 from .discover import IMAGE_EXTENSIONS, ImageRef, short_digest
 from .records import Answer
+from .storage import is_url
 from .tasks import OptionError, Output, Task
 from .writers import atomic_writer
 
@@ -50,6 +51,11 @@ def caption_task(options: CaptionOptions, tasks: list[Task]) -> Task | None:
             if value:
                 raise OptionError(f"`captions.{name}` needs {_CAPTION_FILES}")
         return None
+    if options.sidecar_dir is not None and _is_url_folder(options.sidecar_dir):
+        raise OptionError(
+            f"`captions.sidecar_dir` is a folder on this machine, not a URL ({options.sidecar_dir}); "
+            "captions by URL: an `-o` URL takes the text files of the run's answers"
+        )
     if options.task is not None:
         chosen = [task for task in texts if options.task in (task.name, task.token, task.prompt, task.slug)]
         if not chosen:
@@ -64,6 +70,12 @@ def caption_task(options: CaptionOptions, tasks: list[Task]) -> Task | None:
         raise OptionError(f"{_CAPTION_FILES} need a text task (a caption, OCR or a `prompts` prompt)")
     names = ", ".join(task.name for task in texts)
     raise OptionError(f"several text tasks ({names}): name the one captions come from with `captions.task`")
+
+
+def _is_url_folder(folder: Path | str) -> bool:
+    """A folder given as a URL (``s3://b/x``, which a ``Path`` has made ``s3:/b/x`` already)."""
+    head = str(folder).split("/", 1)[0]
+    return is_url(str(folder)) or (len(head) > 2 and head.endswith(":") and head[:-1].isalnum())
 
 
 def check_extension(extension: str) -> str:
@@ -121,9 +133,10 @@ class CaptionFiles:
     def claim(self, image: ImageRef) -> None:
         """Refuse (``CaptionClash``) an image whose caption file another image of this run has taken
         (``a.jpg`` and ``a.png``: both ``a.txt``)."""
-        if image.member is not None and self.options.sidecar_dir is None:
+        if (image.member is not None or is_url(image.path)) and self.options.sidecar_dir is None:
+            what = "a sample of a tar shard" if image.member is not None else "an object by URL"
             raise CaptionClash(
-                f"{image.name} is a sample of a tar shard, with no folder to put its caption beside: "
+                f"{image.name} is {what}, with no folder to put its caption beside: "
                 "write captions under a folder of their own with `captions.sidecar_dir`"
             )
         target = self.sidecar_path(image)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from . import storage
 from .pathlist import PathList, PathListError
+from .shardlisting import ShardListing
 from .storage import StorageError, identity_from, identity_of, is_pipe, is_url, object_name
 from .tarshards import Member, ShardEnd, ShardError, expand_braces, is_tar_name, samples, shard_stem
 
@@ -90,7 +91,10 @@ Finished = Callable[[str, str], "int | None"]  # (tar's identity, shard name) ->
 
 
 def discover(
-    inputs: Iterable[Input], stdin_lines: Iterable[str] = (), finished: Finished | None = None
+    inputs: Iterable[Input],
+    stdin_lines: Iterable[str] = (),
+    finished: Finished | None = None,
+    listers: int = 0,
 ) -> Iterator[ImageRef | InputError | Duplicate | ShardEnd]:
     """Expand command-line inputs into images, yielding an ``InputError`` for each unusable one.
 
@@ -99,21 +103,46 @@ def discover(
     ``stdin_lines``. With one folder, names are relative to it; with several inputs each folder's name
     comes first (as much of its path as tells it from the other folders), and files named directly
     are named by their path from the working directory. Each tar shard's samples end with a
-    ``ShardEnd``; a shard that ``finished`` says an earlier run finished is not opened. Nothing is
+    ``ShardEnd``; a shard that ``finished`` says an earlier run finished is not opened; with
+    ``listers``, that many helper processes read shards by URL ahead (``ShardListing``). Nothing is
     buffered: millions of files stream through.
     """
     inputs = [path for item in inputs for path in expand_pattern(item)]
     storage.list_ahead(item for item in inputs if isinstance(item, str))
     prefixes = _folder_prefixes(inputs) if len(inputs) > 1 else {}
     seen = _Seen(finished)
-    for item in inputs:
-        if isinstance(item, PathList):
-            yield from _listed(item, seen)
+    remote = [item for item in inputs if isinstance(item, str) and _is_remote_shard(item)]
+    seen.listing = ShardListing(_planned_shards(remote, finished), listers) if listers and remote else None
+    try:
+        for item in inputs:
+            if isinstance(item, PathList):
+                yield from _listed(item, seen)
+                continue
+            items = (line.rstrip("\r\n") for line in stdin_lines) if item == "-" else [item]
+            for path in items:
+                if path.strip():
+                    yield from _expand(path, prefixes.get(item, ""), seen)
+    finally:
+        if seen.listing:
+            seen.listing.close()
+
+
+def _is_remote_shard(path: str) -> bool:
+    return is_url(path) and not is_pipe(path) and is_tar_name(path)
+
+
+def _planned_shards(urls: list[str], finished: Finished | None) -> Iterator[tuple[str, str, int | None]]:
+    """The shards by URL that discovery will open, as ``_expand_url`` names them: not those an earlier
+    run finished, nor those the store says nothing of (their own lines say why)."""
+    for url in urls:
+        try:
+            found = storage.info(url)
+        except StorageError:
             continue
-        items = (line.rstrip("\r\n") for line in stdin_lines) if item == "-" else [item]
-        for path in items:
-            if path.strip():
-                yield from _expand(path, prefixes.get(item, ""), seen)
+        name = shard_stem(object_name(url))
+        done = finished(identity_from(found), name) if finished else None
+        if found.get("type") != "directory" and done is None:
+            yield url, name, found.get("size")
 
 
 def name_roots(inputs: Iterable[Input]) -> list[str]:
@@ -194,6 +223,7 @@ class _Seen:
         self.files: set[bytes] = set()  # real paths (a shard's sample: the tar's, and its offset)
         self.names: set[bytes] = set()
         self.finished = finished
+        self.listing: ShardListing | None = None  # shards by URL read ahead
 
     def claim(
         self, path: str, name: str, real: str, member: Member | None = None, identity: str | None = None
@@ -267,7 +297,7 @@ def _expand_url(
         found = storage.info(url)
         listed = storage.walk(url) if found.get("type") == "directory" else None
     except StorageError as exc:
-        yield InputError(printable(url), _storage_reason(exc))
+        yield InputError(printable(url), _storage_reason(exc), shard=is_tar_name(url))
         return
     if listed is not None:
         prefix = prefix if name is None else name
@@ -324,7 +354,8 @@ def _shard(
         return
     clean, listed = True, 0
     try:
-        for key, member in samples(path, shard, info.get("size") if info else None):
+        read = seen.listing.samples if seen.listing else samples
+        for key, member in read(path, shard, info.get("size") if info else None):
             listed += 1
             name = f"{shard}/{key}"
             if member is None:

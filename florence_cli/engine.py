@@ -27,10 +27,15 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Started:
     """How a started engine answers: its products mode (``config.PRODUCTS``, ``auto`` resolved) and, where
-    that is not the mode asked for, why (``auto``'s fallback from kernels that failed their check)."""
+    that is not the mode asked for, why (``auto``'s fallback from kernels that failed their check); and
+    how many helper processes the driver may start to read shards by URL ahead (``discover``)."""
 
     products: str
     fallback: str | None = None
+    listers: int = 0
+
+
+MAX_LISTERS = 4  # helper processes reading shards ahead: a few hide a store's latency
 
 
 class EngineError(Exception):
@@ -100,7 +105,10 @@ class LocalEngine:
     def start(self) -> Started:
         if self.answerer is None:
             self.answerer = AnswererBuilder(self.config)()
-        return Started(self.answerer.model.products, self.answerer.model.fallback)
+        model = self.answerer.model
+        # as many as decode processes, at most MAX_LISTERS: none where the run asked for none
+        listers = min(MAX_LISTERS, self.config.decode_workers(model.device.type))
+        return Started(model.products, model.fallback, listers)
 
     def close(self) -> None:
         """The model stays loaded: an ``Annotator`` runs again with it."""

@@ -21,7 +21,7 @@ from .checkpoint import ModelLoadError, locate_model, model_identity
 from .config import RunConfig, Shard
 from .device_errors import DeviceFailure
 from .discover import Duplicate, ImageRef, Input, InputError, discover, name_roots, printable
-from .engine import Engine
+from .engine import Engine, Started
 from .formats.parquet import require_pyarrow
 from .interrupts import Interrupted, critical, interruptible
 from .jobs import Job, TaskRequest, WorkItem, plan_jobs, requests_identity
@@ -30,7 +30,7 @@ from .outdir import OutputFolder, describe_os_error, stops_the_run
 from .progress import Progress
 from .records import Answer, ImageFailure, ItemResult, counted
 from .shardfiles import ShardFiles
-from .storage import StorageError, filesystem, is_pipe, is_url, upload, use_options
+from .storage import StorageError, filesystem, is_pipe, is_url, not_held, upload, use_options
 from .tarshards import ShardEnd
 from .tasks import resolve_task
 from .writers import JsonlSink, StdoutClosed
@@ -224,10 +224,11 @@ def run(
     if checked.found is not None:
         progress.set_total(_images_among(checked.found, config.shard))
     elif "-" not in inputs:  # paths on standard input cannot be counted ahead
-        progress.count_in_background(lambda: _images_among(discover(inputs), config.shard))
+        listers = min(started.listers, 1)  # shards by URL counted off the driver too, by one process
+        progress.count_in_background(lambda: _images_among(discover(inputs, listers=listers), config.shard))
     progress.start()
     try:
-        run = _Run(requests, checked, config, on_error, started.products, progress)
+        run = _Run(requests, checked, config, on_error, started, progress)
         return run.execute(inputs, stdin_lines, engine)
     finally:
         engine.close()
@@ -242,7 +243,7 @@ class _Run:
         checked: Preflight,
         config: RunConfig,
         on_error: Callable[[ImageFailure], None] | None,
-        products: str,
+        started: Started,
         progress: Progress,
     ):
         self.requests = requests
@@ -254,7 +255,10 @@ class _Run:
         self.shards = checked.shards  # tar shards
         self.config = config
         self.on_error = on_error
-        self.summary = RunSummary(damaged_journal_lines=self.folder.journal.damaged_lines, products=products)
+        self.summary = RunSummary(
+            damaged_journal_lines=self.folder.journal.damaged_lines, products=started.products
+        )
+        self.listers = started.listers
         self.sink = JsonlSink(config.jsonl) if config.jsonl else None
         self.progress = progress
         self.captioned_earlier: dict[str, ImageRef] = {}  # images whose caption comes from the journal
@@ -313,7 +317,7 @@ class _Run:
         """Images with the jobs not yet done on them; images with nothing to do are counted, not sent."""
         found_all = self.found
         if found_all is None:
-            found_all = discover(inputs, stdin_lines, self.shards.finished)
+            found_all = discover(inputs, stdin_lines, self.shards.finished, self.listers)
         for found in found_all:
             if isinstance(found, ShardEnd):  # a tar shard's samples are all found (or were done earlier)
                 self.summary.images += found.skipped
@@ -452,6 +456,20 @@ class _Run:
             except OSError as exc:  # (a closed stdout is StdoutClosed, no OSError: it ends the run quietly)
                 raise _OutputStopped(_cannot_write(self.sink.target, exc)) from exc
 
+    def _text_files_not_held(self, target: str) -> list[tuple[str, str]]:
+        """The text files of the run's text tasks (``OUT/<task>/<image>.txt``) that the store under
+        ``target`` lacks: this run's, and those of a run that stopped before it put them (a shard's
+        went up with its ``per_shard`` files, and are held already)."""
+        missing = []
+        for task in dict.fromkeys(r.task for r in self.requests if not r.task.writes_coco):
+            folder = self.folder.path / task.slug
+            files = [
+                (str(path), f"{target}/{path.relative_to(self.folder.path).as_posix()}")
+                for path in sorted(folder.rglob("*.txt"))
+            ]
+            missing += not_held(files, f"{target}/{task.slug}") if files else []
+        return missing
+
     def _stream_earlier(self, answers: Iterable[Answer]) -> None:
         """Stream the answers earlier runs made for this run's inputs (``RunConfig.jsonl_all``), so a
         pipeline sees every answer, not only the new ones."""
@@ -504,12 +522,10 @@ class _Run:
             if self.config.upload:
                 rebuilt = [f"{task.slug}.json" for task, _ in coco] + [f"{t.slug}.parquet" for t in parquet]
                 target = self.config.upload.rstrip("/")
-                upload(
-                    [
-                        (str(self.folder.path / name), f"{target}/{name}")
-                        for name in [*rebuilt, "errors.jsonl"]
-                    ]
-                )
+                files = [
+                    (str(self.folder.path / name), f"{target}/{name}") for name in [*rebuilt, "errors.jsonl"]
+                ]
+                upload(files + self._text_files_not_held(target))
         except _OutputStopped as exc:
             self.summary.output_error = str(exc)
         except OSError as exc:

@@ -72,6 +72,7 @@ def use_options(options: dict | None) -> None:
     run, it also forgets the file systems of earlier runs, and with them what they cached of the store
     (an object replaced since is seen as it is now)."""
     _FILESYSTEMS.clear()
+    _LISTED.clear()
     if options:
         os.environ[OPTIONS_ENV] = json.dumps(options)
     else:
@@ -79,6 +80,7 @@ def use_options(options: dict | None) -> None:
 
 
 _FILESYSTEMS: dict[str, object] = {}  # this run's, by scheme
+_LISTED: dict[str, dict] = {}  # what this run's listings said of each object, by its path (``list_ahead``)
 
 
 def filesystem(url: str):
@@ -155,19 +157,21 @@ def _first_line(exc: BaseException) -> str:
 def info(url: str) -> dict:
     """What the store says about the object or folder at ``url`` (``StorageError``: why not)."""
     fs, path = filesystem(url)
-    return retried(lambda: fs.info(path), url)
+    return _LISTED.get(path) or retried(lambda: fs.info(path), url)
 
 
 def list_ahead(urls: Iterable[str]) -> None:
     """Many objects named in one folder (a brace pattern's 10,000 shards): list the folder once, so that
     what is asked of each is answered from the listing, which the run's file system keeps, not by a
-    request each. A folder that cannot be listed is left to those requests to report."""
+    request each (nor by a round trip to the file system's event loop). A folder that cannot be listed
+    is left to those requests to report."""
     folders = Counter(url.rsplit("/", 1)[0] for url in urls if is_url(url) and not is_pipe(url))
     for folder, count in folders.items():
         if count >= LIST_AHEAD:
             fs, path = filesystem(folder)
             with suppress(StorageError):
-                retried(lambda fs=fs, path=path: fs.ls(path, detail=True), folder)
+                listed = retried(lambda fs=fs, path=path: fs.ls(path, detail=True), folder)
+                _LISTED.update((found["name"], found) for found in listed)
 
 
 def identity_of(path: str) -> str:
@@ -287,6 +291,18 @@ def upload(files: list[tuple[str, str]]) -> None:
         urls = [url for _, url in files]
         where = urls[0] if len(urls) == 1 else f"{_common_folder(urls)}/ ({len(urls)} files)"
         retried(lambda: fs.put(local, remote), where)
+
+
+def not_held(files: list[tuple[str, str]], folder: str) -> list[tuple[str, str]]:
+    """Those of ``files`` (a local path, its URL under ``folder``) that the store does not hold at their
+    size: what a run that stopped before its uploads (or after some) has still to put. One listing."""
+    fs, path = filesystem(folder)
+    held = retried(lambda: fs.find(path, detail=True), folder)
+    return [
+        (local, url)
+        for local, url in files
+        if held.get(fs._strip_protocol(url), {}).get("size") != os.path.getsize(local)
+    ]
 
 
 def _common_folder(urls: list[str]) -> str:

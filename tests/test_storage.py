@@ -13,12 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from florence_cli import runner, storage
-from florence_cli.config import RunConfig
+from florence_cli import discover, runner, shardlisting, storage
+from florence_cli.captions import CaptionClash
+from florence_cli.config import CaptionOptions, RunConfig
 from florence_cli.decode import ResizeSpec, decode_or_reason
+from florence_cli.engine import Started
 from florence_cli.jobs import parse_requests
 from florence_cli.parse import parse_answer
 from florence_cli.records import ImageFailure, ItemResult
+from florence_cli.tasks import OptionError
 
 from .conftest import random_image, write_images
 from .helpers import image_bytes, output_files, read_jsonl, write_shard
@@ -38,6 +41,13 @@ class DecodingEngine(FakeEngine):
         width, height, _ = decoded
         answers = [parse_answer(job.task, RAW[job.task.name], width, height) for job in item.jobs]
         return ItemResult(item, width, height, answers=answers)
+
+
+class ListingEngine(DecodingEngine):
+    """``DecodingEngine``, with the driver reading shards by URL ahead in two helper processes."""
+
+    def start(self) -> Started:
+        return Started("per-image", listers=2)
 
 
 @pytest.fixture(autouse=True)
@@ -327,3 +337,63 @@ def test_the_command_refuses_a_scheme_without_its_package_and_bad_storage_option
     )
     bad = CliRunner().invoke(main, ["annotate", "s3://b/x.tar", "-t", "OD", "--storage-options", "{nope"])
     assert bad.exit_code == 2 and "--storage-options" in bad.output and "not JSON" in bad.output
+
+
+def test_shards_read_ahead_in_helper_processes_give_what_the_driver_reads(s3, bucket, tmp_path, monkeypatch):
+    data = _dataset(tmp_path, bucket)
+    cut = (data / "shards/00001.tar").read_bytes()
+    url = _upload(s3, data, bucket)
+    s3.filesystem().pipe(f"{bucket}/shards/00002.tar", cut[: len(cut) // 2])  # cut short; 00003: none
+    inputs = [f"{url}/shards/{{00000..00003}}.tar", f"{url}/shards/00001.tar", f"{url}/imgs"]  # a duplicate
+    read_here = _run(inputs, tmp_path / "driver", DecodingEngine(), s3)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the driver read a shard itself")
+
+    monkeypatch.setattr(discover, "samples", refuse)  # every shard must come from the helper processes
+    monkeypatch.setattr(shardlisting, "samples", refuse)
+    ahead = _run(inputs, tmp_path / "ahead", ListingEngine(), s3)
+    assert [(f.name, f.reason) for f in ahead.failures] == [(f.name, f.reason) for f in read_here.failures]
+    counts = ("images", "annotated", "failed", "duplicates", "missing_shards")
+    assert [getattr(ahead, name) for name in counts] == [getattr(read_here, name) for name in counts]
+    assert (ahead.annotated, ahead.duplicates, ahead.missing_shards) == (10, 1, 1)
+    assert output_files(tmp_path / "ahead") == output_files(tmp_path / "driver")
+    s3.faults.clear()
+    again = _run(inputs, tmp_path / "ahead", ListingEngine(), s3)
+    assert again.skipped == 10
+    shard_reads = {
+        path.rsplit("/", 1)[1] for method, path in s3.faults.seen if method == "GET" and path.endswith(".tar")
+    }
+    assert shard_reads == {"00002.tar"}  # finished shards are not read ahead; the cut one is read again
+
+
+def test_an_output_url_takes_loose_images_text_files_and_a_rerun_puts_those_it_lacks(s3, bucket, tmp_path):
+    url = _upload(s3, _dataset(tmp_path, bucket), bucket)
+    out, labels = tmp_path / "out", f"s3://{bucket}/labels"
+    inputs = [f"{url}/imgs", f"{url}/shards/00000.tar"]
+    assert _run(inputs, out, DecodingEngine(), s3, upload=labels).annotated == 6
+    texts = sorted(path.relative_to(out).as_posix() for path in out.rglob("*.txt"))
+    assert len(texts) == 6
+    fs = s3.filesystem()
+    assert all(fs.cat_file(f"{bucket}/labels/{name}") == (out / name).read_bytes() for name in texts)
+    fs.rm(f"{bucket}/labels/{texts[0]}")  # as if the run that wrote it had been killed before its upload
+    s3.faults.clear()
+    assert _run(inputs, out, DecodingEngine(), s3, upload=labels).skipped == 6
+    assert fs.cat_file(f"{bucket}/labels/{texts[0]}") == (out / texts[0]).read_bytes()
+    put = [path for method, path in s3.faults.seen if method == "PUT" and path.endswith(".txt")]
+    assert len(put) == 1 and put[0].endswith(texts[0].rsplit("/", 1)[1])  # only what the store lacked
+
+
+def test_caption_files_of_objects_by_url_need_a_local_folder(s3, bucket, tmp_path):
+    url = _upload(s3, _dataset(tmp_path, bucket), bucket)
+    with pytest.raises(
+        CaptionClash, match=r"img00\.png is an object by URL, with no folder to put its caption"
+    ):
+        _run([f"{url}/imgs"], tmp_path / "out", FakeEngine(), s3, tasks=("CAPTION",),
+             captions=CaptionOptions(sidecar=True))  # fmt: skip
+    with pytest.raises(OptionError, match=r"`captions\.sidecar_dir` is a folder on this machine, not a URL"):
+        _run([f"{url}/imgs"], tmp_path / "out", FakeEngine(), s3, tasks=("CAPTION",),
+             captions=CaptionOptions(sidecar_dir=Path(f"s3://{bucket}/captions")))  # fmt: skip
+    summary = _run([f"{url}/imgs"], tmp_path / "out", FakeEngine(), s3, tasks=("CAPTION",),
+                   captions=CaptionOptions(sidecar_dir=tmp_path / "captions"))  # fmt: skip
+    assert summary.annotated == 3 and len(list((tmp_path / "captions").rglob("*.txt"))) == 3

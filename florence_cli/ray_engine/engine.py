@@ -23,9 +23,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..answer import AnswererBuilder
 from ..config import RunConfig
-from ..decode import ResizeSpec
+from ..decode import ResizeSpec, unguarded_main_script
 from ..device_errors import DeviceFailure
-from ..engine import Started
+from ..engine import MAX_LISTERS, Started
 from ..jobs import TaskRequest, WorkItem
 from ..records import ImageFailure, ItemResult
 from . import cluster
@@ -100,7 +100,9 @@ class RayEngine:
         if self.placement is None:
             self._started_ray = cluster.join(self.options.address) or self._started_ray
             self.placement = plan_placement(cluster.alive_nodes(), self.config.model.device, self.options)
-        return Started(self.config.model.products_on(self.placement.device_type))
+        # the driver reads shards by URL ahead in processes of its own (which would rerun an unguarded script)
+        listers = 0 if unguarded_main_script() else MAX_LISTERS
+        return Started(self.config.model.products_on(self.placement.device_type), listers=listers)
 
     def close(self) -> None:
         """Leave Ray (stopping it when this engine started it)."""
