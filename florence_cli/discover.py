@@ -127,6 +127,11 @@ def discover(
             seen.listing.close()
 
 
+def shard_inputs(inputs: Iterable[Input]) -> list[str]:
+    """The tar shards among ``inputs``, patterns expanded (a glob by URL: one listing)."""
+    return [p for item in inputs for p in expand_pattern(item) if isinstance(p, str) and is_tar_name(p)]
+
+
 def _is_remote_shard(path: str) -> bool:
     return is_url(path) and not is_pipe(path) and is_tar_name(path)
 

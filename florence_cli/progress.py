@@ -1,7 +1,8 @@
 """What a run tells its user on stderr while it goes: a tqdm bar on a terminal; anywhere else (nohup, a
 Slurm log, a pipe) one line every ``FLORENCE_PROGRESS_EVERY`` seconds (30 by default), img2dataset's way,
 so a log shows progress without a line per image. Both give a total, a percentage and an ETA once the
-inputs are counted (``count_in_background``)."""
+inputs are counted (``count_in_background``); shards by URL and streams, which would be read through
+again to count their samples, are counted as shards (``set_shards``), with an ETA by shards."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ class Progress:
         self.stream = stream or sys.stderr
         self.total: int | None = None
         self.done = 0
+        self.shards_total: int | None = None  # where the images are not counted, the shards are
+        self.shards_done = 0
         self.started = time.monotonic()
         self.every_s = float(os.environ.get("FLORENCE_PROGRESS_EVERY", "30"))
         self._said_at = self.started
@@ -54,6 +57,24 @@ class Progress:
             self._bar.total = total
             self._bar.refresh()
 
+    def set_shards(self, total: int) -> None:
+        """The run's inputs are ``total`` tar shards (or hold them): their progress is said too, with an ETA
+        by shards where the images themselves are not counted (shards by URL, streams)."""
+        self.shards_total = total or None
+
+    def shard_done(self) -> None:
+        """A shard's samples are all back (or were done before)."""
+        self.shards_done += 1
+        if self._bar is not None and self.shards_total and not self.total:
+            self._bar.set_postfix_str(self._shards(), refresh=False)
+
+    def _shards(self) -> str:
+        """``12/2,000 shards, ETA 1:02:03``: the shards done and the time the rest take at this pace."""
+        elapsed = time.monotonic() - self.started
+        left = max(self.shards_total - self.shards_done, 0)
+        eta = timedelta(seconds=round(elapsed / self.shards_done * left)) if self.shards_done else "unknown"
+        return f"{self.shards_done}/{self.shards_total} shards, ETA {eta}"
+
     def update(self, images: int) -> None:
         """``images`` more are done (answered, failed or found done)."""
         self.done += images
@@ -67,7 +88,8 @@ class Progress:
         """``120/400 images (30%), 31.4 images/s, ETA 0:00:09``, or without a total, the count and rate."""
         rate = self.done / max(time.monotonic() - self.started, 1e-9)
         if not self.total:
-            return f"{counted(self.done, 'image')}, {rate:.1f} images/s"
+            shards = f", {self._shards()}" if self.shards_total else ""
+            return f"{counted(self.done, 'image')}, {rate:.1f} images/s{shards}"
         left = max(self.total - self.done, 0)
         eta = timedelta(seconds=round(left / rate)) if rate > 0 else "unknown"
         percent = 100 * self.done / self.total

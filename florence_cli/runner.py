@@ -20,7 +20,7 @@ from .captions import CaptionClash, CaptionFiles, caption_task, metadata_folder
 from .checkpoint import ModelLoadError, locate_model, model_identity
 from .config import RunConfig, Shard
 from .device_errors import DeviceFailure
-from .discover import Duplicate, ImageRef, Input, InputError, discover, name_roots, printable
+from .discover import Duplicate, ImageRef, Input, InputError, discover, name_roots, printable, shard_inputs
 from .engine import Engine, Started
 from .formats.parquet import require_pyarrow
 from .interrupts import Interrupted, critical, interruptible
@@ -224,8 +224,10 @@ def run(
     if checked.found is not None:
         progress.set_total(_images_among(checked.found, config.shard))
     elif "-" not in inputs:  # paths on standard input cannot be counted ahead
-        listers = min(started.listers, 1)  # shards by URL counted off the driver too, by one process
-        progress.count_in_background(lambda: _images_among(discover(inputs, listers=listers), config.shard))
+        shards = shard_inputs(inputs)
+        progress.set_shards(len(shards))
+        if not any(is_url(shard) for shard in shards):  # (a URL's or a stream's: read through again)
+            progress.count_in_background(lambda: _images_among(discover(inputs), config.shard))
     progress.start()
     try:
         run = _Run(requests, checked, config, on_error, started, progress)
@@ -323,6 +325,8 @@ class _Run:
                 self.summary.images += found.skipped
                 self.summary.skipped += found.skipped
                 self.progress.update(found.skipped)
+                if found.skipped:
+                    self.progress.shard_done()
                 self.shards.ended(found)
                 continue
             if not _takes(self.config.shard, found):
@@ -332,6 +336,7 @@ class _Run:
                 continue
             if isinstance(found, InputError) and found.shard:
                 self.summary.missing_shards += 1
+                self.progress.shard_done()
                 self._log_error(ImageFailure(found.path, found.reason))
                 continue
             self.summary.images += 1
@@ -483,6 +488,7 @@ class _Run:
     def _finish_shard(self, name: str) -> bool:
         """A tar shard's samples are all back: write its own files (``per_shard``). One that cannot be
         written or uploaded fails the shard (a later run writes them), and the run goes on."""
+        self.progress.shard_done()
         if self.shard_files is None:
             return True
         try:

@@ -6,6 +6,8 @@ the store (and its size) reaches the files; the model is not the point here."""
 from __future__ import annotations
 
 import gzip
+import io
+import re
 import shutil
 import uuid
 from dataclasses import replace
@@ -397,3 +399,29 @@ def test_caption_files_of_objects_by_url_need_a_local_folder(s3, bucket, tmp_pat
     summary = _run([f"{url}/imgs"], tmp_path / "out", FakeEngine(), s3, tasks=("CAPTION",),
                    captions=CaptionOptions(sidecar_dir=tmp_path / "captions"))  # fmt: skip
     assert summary.annotated == 3 and len(list((tmp_path / "captions").rglob("*.txt"))) == 3
+
+
+def test_progress_counts_shards_by_url_as_shards_without_reading_them_twice(
+    s3, bucket, tmp_path, monkeypatch, capsys
+):
+    from florence_cli.progress import Progress
+
+    url = _upload(s3, _dataset(tmp_path, bucket), bucket)
+    monkeypatch.setenv("FLORENCE_PROGRESS_EVERY", "0")  # a line per batch
+    counted = []
+    monkeypatch.setattr(Progress, "count_in_background", lambda progress, count: counted.append(count))
+    s3.faults.clear()
+    summary = _run([f"{url}/shards/{{00000..00002}}.tar"], tmp_path / "out", FakeEngine(), s3, progress=True)
+    assert (summary.annotated, summary.missing_shards) == (6, 1)
+    assert counted == []  # the images of shards by URL are not counted (that would read them through again)
+    reads = [path for method, path in s3.faults.seen if method == "GET" and path.endswith(".tar")]
+    assert sorted(reads) == [f"/{bucket}/shards/00000.tar", f"/{bucket}/shards/00001.tar"]  # once each
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(re.fullmatch(r"florence: \d images?, [\d.]+ images/s, [0-3]/3 shards, ETA .+", line)
+                         for line in lines)  # fmt: skip
+    progress = Progress(True, io.StringIO())
+    progress.set_shards(4)
+    progress.update(20)
+    progress.shard_done()
+    progress.shard_done()
+    assert re.fullmatch(r"20 images, [\d.]+ images/s, 2/4 shards, ETA 0:00:0\d", progress.line())
