@@ -25,7 +25,7 @@ import numpy as np
 from .discover import ImageRef
 from .interrupts import helper_process_setup
 from .storage import is_url, read_all
-from .tarshards import Member, read_member
+from .tarshards import Member, fetch_members, read_member
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ CHUNK = 4  # images a decode process is sent at a time: a round trip through the
 
 
 def _decode_chunk(decoder: Decoder, sources: list[str | Member], spec: ResizeSpec) -> list:
-    return [decoder(source, spec) for source in sources]
+    return [decoder(source, spec) for source in fetch_members(sources)]
 
 
 class _WorkerPool:

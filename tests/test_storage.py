@@ -425,3 +425,21 @@ def test_progress_counts_shards_by_url_as_shards_without_reading_them_twice(
     progress.shard_done()
     progress.shard_done()
     assert re.fullmatch(r"20 images, [\d.]+ images/s, 2/4 shards, ETA 0:00:0\d", progress.line())
+
+
+def test_a_decode_process_reads_its_chunk_of_shard_images_at_once(s3, bucket, tmp_path):
+    from florence_cli.discover import ImageRef
+    from florence_cli.tarshards import fetch_members, read_member
+
+    url = _upload(s3, _dataset(tmp_path, bucket), bucket)
+    storage.use_options(s3.options)
+    found = discover.discover([f"{url}/shards/{{00000..00001}}.tar"])
+    members = [ref.member for ref in found if isinstance(ref, ImageRef)]
+    assert len(members) == 6 and all(member.data is None for member in members)
+    fetched = fetch_members([*members, "imgs/a.png"])
+    assert fetched[-1] == "imgs/a.png" and [m.data for m in fetched[:-1]] == [read_member(m) for m in members]
+    s3.faults.add(lambda method, path: method == "GET" and "00001.tar" in path, "deny")
+    denied = fetch_members(members)  # left to be read alone, where the failure is said in its own words
+    assert [m.data is None for m in denied] == [False] * 3 + [True] * 3
+    with pytest.raises(storage.StorageError, match="access denied"):
+        read_member(denied[3])
