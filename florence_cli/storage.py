@@ -72,7 +72,7 @@ def use_options(options: dict | None) -> None:
     run, it also forgets the file systems of earlier runs, and with them what they cached of the store
     (an object replaced since is seen as it is now)."""
     _FILESYSTEMS.clear()
-    _LISTED.clear()
+    _KNOWN.clear()
     if options:
         os.environ[OPTIONS_ENV] = json.dumps(options)
     else:
@@ -80,7 +80,7 @@ def use_options(options: dict | None) -> None:
 
 
 _FILESYSTEMS: dict[str, object] = {}  # this run's, by scheme
-_LISTED: dict[str, dict] = {}  # what this run's listings said of each object, by its path (``list_ahead``)
+_KNOWN: dict[tuple[str, str], dict] = {}  # what the store said of each object this run, by scheme and path
 
 
 def filesystem(url: str):
@@ -157,7 +157,10 @@ def _first_line(exc: BaseException) -> str:
 def info(url: str) -> dict:
     """What the store says about the object or folder at ``url`` (``StorageError``: why not)."""
     fs, path = filesystem(url)
-    return _LISTED.get(path) or retried(lambda: fs.info(path), url)
+    key = (_scheme(url), path)
+    if key not in _KNOWN:  # asked once a run (discovery and its read-ahead both ask)
+        _KNOWN[key] = retried(lambda: fs.info(path), url)
+    return _KNOWN[key]
 
 
 def list_ahead(urls: Iterable[str]) -> None:
@@ -171,7 +174,7 @@ def list_ahead(urls: Iterable[str]) -> None:
             fs, path = filesystem(folder)
             with suppress(StorageError):
                 listed = retried(lambda fs=fs, path=path: fs.ls(path, detail=True), folder)
-                _LISTED.update((found["name"], found) for found in listed)
+                _KNOWN.update(((_scheme(folder), found["name"]), found) for found in listed)
 
 
 def identity_of(path: str) -> str:
