@@ -415,7 +415,7 @@ def item_5(w: Walk) -> None:
         ctrl_c,
     )
     env = {"FLORENCE_PROGRESS_EVERY": "1"}
-    log = w.logged(*many, "-o", "p-log", env=env, interrupt_after=15)
+    log = w.logged(*many, "-o", "p-log", env=env, interrupt_after=8)
     periodic = [line for line in log.lines() if re.match(r"florence: \d+", line)]
     verdict(
         "5d",
@@ -423,7 +423,7 @@ def item_5(w: Walk) -> None:
         not periodic,
         len(periodic) >= 2,
         log,
-        "FLORENCE_PROGRESS_EVERY=1, stderr to a file, SIGINT after 15 s",
+        "FLORENCE_PROGRESS_EVERY=1, stderr to a file, SIGINT after 8 s",
         f"{len(periodic)} progress lines:",
         "\n".join(periodic[:2]),
         "last: " + tail(log.err, 1),
