@@ -1,5 +1,5 @@
-"""The README's recipes on a local folder, run as written in a shell (one scratch folder, in the README's
-order, so a recipe that builds on an earlier one's output folder meets it), on the tiny model."""
+"""The README's commands on local folders, run as written in a shell, in the README's order in one
+scratch folder (so a command meets the output folders the earlier ones made), on tiny models."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,31 +17,43 @@ from .conftest import write_images
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _recipes() -> list[str]:
-    """The Recipes section's command lines, comments dropped."""
+def _block(heading: str) -> list[str]:
+    """The command lines of the README's first code block under ``heading``, comments dropped."""
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    block = re.search(r"## Recipes\n\n```\n(.*?)```", readme, re.S).group(1)
+    block = re.search(rf"## {heading}\n.*?```\n(.*?)```", readme, re.S).group(1)
     return [re.split(r"\s+# ", line)[0].strip() for line in block.splitlines() if line.strip()]
 
 
-def _run(recipe: str, cwd: Path, model: Path) -> subprocess.CompletedProcess:
-    """``recipe`` in bash, ``florence`` being this checkout's, every annotate on ``model`` with short
-    answers (what it names otherwise is as written)."""
+def _run(command: str, cwd: Path, model: Path) -> subprocess.CompletedProcess:
+    """``command`` in bash, ``florence`` being this checkout's; an annotate that names no model runs on
+    ``model`` with short answers (what it names otherwise is as written)."""
     florence = f"{shlex.quote(sys.executable)} -m florence_cli"
-    command = re.sub(r"\bflorence annotate ", f"{florence} annotate -m {model} --max-new-tokens 8 ", recipe)
-    command = re.sub(r"\bflorence (?=merge )", f"{florence} ", command)
+    if " -m " not in command:
+        command = re.sub(
+            r"\bflorence annotate ", f"florence annotate -m {model} --max-new-tokens 8 ", command
+        )
+    command = re.sub(r"\bflorence (?=[a-z])", f"{florence} ", command)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True)
 
 
 def _recipe(words: str) -> str:
-    return next(recipe for recipe in _recipes() if words in recipe)
+    return next(recipe for recipe in _block("Recipes") if words in recipe)
 
 
-def test_the_new_files_recipe_adds_to_the_folder_recipes_output(tiny_model, tmp_path):
+def test_the_readme_in_its_order_never_meets_an_output_folder_of_another_dataset(tiny_model, tmp_path):
+    shutil.copytree(REPO / "sample_images", tmp_path / "sample_images")
     write_images(tmp_path / "imgs", 3, ext="jpg")
-    first = _run(_recipe("annotate imgs -t OD -o out"), tmp_path, tiny_model)
-    assert first.returncode == 0, first.stderr
+    install = next(line for line in _block("Install") if line.startswith("pip install"))
+    readme = [
+        *install.split(" && ")[1:],  # the install command's run on the sample images
+        *_block("Quickstart"),
+        _recipe("annotate imgs -t OD -o out"),
+        _recipe("--sidecar"),  # the default output folder
+    ]
+    for command in readme:
+        ran = _run(command, tmp_path, tiny_model)
+        assert ran.returncode == 0, f"{command}: {ran.stderr}"
     (tmp_path / "last-run").touch()
     new = write_images(tmp_path / "new", 1, start_seed=9, ext="jpg")[0].rename(tmp_path / "imgs" / "new.jpg")
     later = (tmp_path / "last-run").stat().st_mtime + 10
