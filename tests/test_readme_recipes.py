@@ -69,3 +69,19 @@ def test_the_shard_recipe_runs_as_written(tiny_model, tmp_path):
     shard = _run(_recipe("--shard"), tmp_path, tiny_model)
     assert shard.returncode == 0, shard.stderr
     assert len(json.loads((tmp_path / "part3" / "od.json").read_text())["images"]) == 1
+
+
+# What `pip install -e .` installs (setup.cfg's install_requires), as modules.
+BASE_MODULES = {"florence_cli", "click", "torch", "transformers", "PIL", "numpy", "tqdm", "pycocotools",
+                "safetensors", "huggingface_hub"}  # fmt: skip
+
+
+def test_python_one_liners_in_the_docs_install_what_the_base_install_lacks():
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    lacking = []
+    for page in pages:
+        for line in page.read_text(encoding="utf-8").splitlines():
+            for module in re.findall(r"python -c \"import (\w+)", line):
+                if module not in BASE_MODULES and f"pip install {module}" not in line:
+                    lacking.append(f"{page.name}: {line.strip()}")
+    assert not lacking
