@@ -123,8 +123,9 @@ class Walk:
         code = child.wait()
         return Ran(argv, code, "", text, time.monotonic() - start, events)
 
-    def logged(self, *args: str, env: dict | None = None, interrupt_after: float | None = None) -> Ran:
-        """``florence ARGS`` with stderr to a file, as under nohup or Slurm; SIGINT after some seconds."""
+    def logged(self, *args: str, env: dict | None = None, interrupt_when=None, timeout: float = 60) -> Ran:
+        """``florence ARGS`` with stderr to a file, as under nohup or Slurm; SIGINT once
+        ``interrupt_when(the log so far)`` is true, or after ``timeout`` seconds."""
         argv = [self.python, "-m", "florence_cli", *args]
         log = self.work / "stderr.log"
         start = time.monotonic()
@@ -137,11 +138,12 @@ class Walk:
                 stdout=subprocess.DEVNULL,
                 stderr=err,
             )
-            try:
-                code = child.wait(timeout=interrupt_after)
-            except subprocess.TimeoutExpired:
-                child.send_signal(signal.SIGINT)
-                code = child.wait(timeout=120)
+            while child.poll() is None:
+                if time.monotonic() - start > timeout or (interrupt_when and interrupt_when(log.read_text())):
+                    child.send_signal(signal.SIGINT)
+                    break
+                time.sleep(0.1)
+            code = child.wait(timeout=120)
         return Ran(argv, code, "", log.read_text(), time.monotonic() - start)
 
     # -- the scratch folder ------------------------------------------------------------------------
@@ -415,7 +417,11 @@ def item_5(w: Walk) -> None:
         ctrl_c,
     )
     env = {"FLORENCE_PROGRESS_EVERY": "1"}
-    log = w.logged(*many, "-o", "p-log", env=env, interrupt_after=8)
+
+    def two_lines(text: str) -> bool:
+        return len(re.findall(r"^florence: \d+", text, re.M)) >= 2
+
+    log = w.logged(*many, "-o", "p-log", env=env, interrupt_when=two_lines, timeout=40)
     periodic = [line for line in log.lines() if re.match(r"florence: \d+", line)]
     verdict(
         "5d",
@@ -423,7 +429,7 @@ def item_5(w: Walk) -> None:
         not periodic,
         len(periodic) >= 2,
         log,
-        "FLORENCE_PROGRESS_EVERY=1, stderr to a file, SIGINT after 8 s",
+        "FLORENCE_PROGRESS_EVERY=1, stderr to a file, SIGINT after two progress lines or 40 s",
         f"{len(periodic)} progress lines:",
         "\n".join(periodic[:2]),
         "last: " + tail(log.err, 1),
