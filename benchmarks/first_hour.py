@@ -244,6 +244,11 @@ def images_done(text: str) -> int:
     return int(counts[-1]) if counts else 0
 
 
+def others(frames: list[str]) -> list[str]:
+    """A terminal's lines that are not progress bars (say, an exception Python ignored)."""
+    return [f for f in frames if not re.search(r"\d+(/\d+)? ?\[|img \[|^\s*\d+%", f)][:20]
+
+
 def journal_lines(out: Path) -> int:
     journal = out / ".florence" / "journal.jsonl"
     return len(journal.read_text().splitlines()) if journal.exists() else 0
@@ -415,6 +420,7 @@ def item_5(w: Walk) -> None:
         says_total and bar.code == 130,
         f"Ctrl-C typed into the terminal at 16 images: exit {bar.code}",
         ctrl_c,
+        *([] if bar.code == 130 else ["not stopped; the terminal's other lines:", *others(frames)]),
     )
     env = {"FLORENCE_PROGRESS_EVERY": "1"}
 
