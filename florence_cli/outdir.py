@@ -201,9 +201,7 @@ def _check_settings(
             raise OutputError(f"{path} is damaged; use --overwrite or another output folder") from None
         if "inputs" in earlier and earlier["inputs"] != settings.get("inputs", earlier["inputs"]):
             raise SettingsMismatch(
-                f"{path.parent.parent} annotates another dataset ({'; '.join(earlier['inputs'])}), and "
-                f"these inputs ({'; '.join(settings['inputs'])}) could give other files the same names: "
-                "write to another output folder (--overwrite starts this one over, its answers lost)"
+                _another_dataset(path.parent.parent, earlier["inputs"], settings["inputs"])
             )
         differences = settings_differences(earlier, settings, identify)
         if differences:
@@ -215,6 +213,25 @@ def _check_settings(
     else:
         with atomic_writer(path) as file:
             file.write(json.dumps(settings, indent=1))
+
+
+def _another_dataset(folder: Path, earlier: list[str], now: list[str]) -> str:
+    """The refusal of inputs whose names start elsewhere than the folder's (``discover.name_roots``).
+    Files named directly and paths on standard input are named from the working directory: where the
+    folder's names start in one folder, running from there adds to it (``find . -newer ...``)."""
+    added_from = ""
+    if now == [f"paths from {os.path.realpath(os.getcwd())}"] and len(earlier) == 1:
+        start = earlier[0].removeprefix("paths from ")
+        if start != earlier[0]:
+            added_from = (
+                f"to add to it, run from {start} (files named directly and paths on standard input are "
+                "named from the working directory); "
+            )
+    return (
+        f"{folder} annotates another dataset ({'; '.join(earlier)}), and these inputs ({'; '.join(now)}) "
+        f"could give other files the same names: {added_from}to keep both, write to another output folder "
+        "(--overwrite starts this one over, its answers lost)"
+    )
 
 
 def settings_differences(

@@ -60,3 +60,25 @@ def test_a_failed_write_leaves_neither_the_file_nor_a_temporary(tmp_path):
         file.write("half")
         raise RuntimeError("killed mid-write")
     assert os.listdir(tmp_path) == []
+
+
+def test_paths_named_from_elsewhere_are_told_where_to_run_to_add_to_the_folders_dataset(
+    tmp_path, monkeypatch
+):
+    from florence_cli.discover import name_roots
+
+    imgs, other = tmp_path / "imgs", tmp_path / "other"
+    imgs.mkdir(), other.mkdir()
+    monkeypatch.chdir(tmp_path)
+    folder = OutputFolder(tmp_path / "out", {**SETTINGS, "inputs": name_roots(["imgs"])})
+    folder.journal.append([Answer(TASKS["OD"], 64, 48, "", file="a.png", key=bytes(12))])
+    folder.close()
+    with pytest.raises(SettingsMismatch) as refused:  # `find imgs -newer x | florence annotate -`
+        OutputFolder(tmp_path / "out", {**SETTINGS, "inputs": name_roots(["-"])})
+    assert f"to add to it, run from {imgs.resolve()}" in str(refused.value)
+    assert "another output folder" in str(refused.value) and "\n" not in str(refused.value)
+    with pytest.raises(SettingsMismatch) as refused:  # another folder: nothing to add from here
+        OutputFolder(tmp_path / "out", {**SETTINGS, "inputs": name_roots(["other"])})
+    assert "run from" not in str(refused.value)
+    monkeypatch.chdir(imgs)  # `cd imgs && find . -newer x | florence annotate -`: the same dataset
+    OutputFolder(tmp_path / "out", {**SETTINGS, "inputs": name_roots(["-"])}).close()

@@ -281,7 +281,7 @@ def annotate(inputs: tuple[str, ...], **flags) -> None:
       florence annotate imgs -t MORE_DETAILED_CAPTION --sidecar --prefix 'ohwx, '   # for training
       florence annotate imgs -t CAPTION_TO_PHRASE_GROUNDING --text 'a red house'
       florence annotate 'shards/{00000..00099}.tar' -t CAPTION --parquet -o out
-      find imgs -newer last-run | florence annotate - -t OD -o out   # new files only
+      (cd imgs && find . -newer ../last-run | florence annotate - -t OD -o ../out)  # adds new files
       florence annotate imgs -t CAPTION --jsonl - -q | jq -r .result  # answers as a stream
     """
     from ..interrupts import Interrupted, interruptible
