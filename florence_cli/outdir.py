@@ -195,24 +195,38 @@ def _check_settings(
     """Refuse other settings than those the folder's answers were made with, naming each that differs;
     a folder without answers (say, a run whose model failed to load) takes the new ones."""
     if path.exists() and holds_answers:
-        try:
-            earlier = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError:
-            raise OutputError(f"{path} is damaged; use --overwrite or another output folder") from None
-        if "inputs" in earlier and earlier["inputs"] != settings.get("inputs", earlier["inputs"]):
-            raise SettingsMismatch(
-                _another_dataset(path.parent.parent, earlier["inputs"], settings["inputs"])
-            )
-        differences = settings_differences(earlier, settings, identify)
-        if differences:
-            raise SettingsMismatch(
-                f"{path.parent.parent} holds answers made with other settings: {'; '.join(differences)}. "
-                "To add to them, run with the earlier settings; to keep both, write to another output "
-                "folder; --overwrite starts over (its answers are lost)"
-            )
+        _refuse_other_settings(path, settings, identify)
     else:
         with atomic_writer(path) as file:
             file.write(json.dumps(settings, indent=1))
+
+
+def refuse_other_settings(
+    folder: str | Path, settings: dict, identify: Callable[[str], str | None] | None = None
+) -> None:
+    """What opening the output folder would refuse for its settings (``SettingsMismatch``), found by
+    reading alone — nothing made, nothing locked — so that a run can say it before anything slow (a
+    folder without answers, or none yet, refuses nothing)."""
+    state = Path(folder) / STATE
+    journal = state / "journal.jsonl"
+    if (state / "settings.json").is_file() and journal.is_file() and journal.stat().st_size:
+        _refuse_other_settings(state / "settings.json", settings, identify)
+
+
+def _refuse_other_settings(path: Path, settings: dict, identify: Callable[[str], str | None] | None) -> None:
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise OutputError(f"{path} is damaged; use --overwrite or another output folder") from None
+    if "inputs" in earlier and earlier["inputs"] != settings.get("inputs", earlier["inputs"]):
+        raise SettingsMismatch(_another_dataset(path.parent.parent, earlier["inputs"], settings["inputs"]))
+    differences = settings_differences(earlier, settings, identify)
+    if differences:
+        raise SettingsMismatch(
+            f"{path.parent.parent} holds answers made with other settings: {'; '.join(differences)}. "
+            "To add to them, run with the earlier settings; to keep both, write to another output "
+            "folder; --overwrite starts over (its answers are lost)"
+        )
 
 
 def _another_dataset(folder: Path, earlier: list[str], now: list[str]) -> str:

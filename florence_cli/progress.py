@@ -24,26 +24,32 @@ class Progress:
         self.stream = stream or sys.stderr
         self.total: int | None = None
         self.done = 0
+        self.done_before = 0  # of ``done``: found done by earlier runs (no part of the rate)
         self.shards_total: int | None = None  # where the images are not counted, the shards are
         self.shards_done = 0
+        self.shards_before = 0
         self.started = time.monotonic()
         self.every_s = float(os.environ.get("FLORENCE_PROGRESS_EVERY", "30"))
         self._said_at = self.started
+        self._terminal = enabled and self.stream.isatty()
         self._bar = None
-        if enabled and self.stream.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(unit="img", file=self.stream, dynamic_ncols=True, smoothing=0.1)
 
     def start(self) -> None:
-        """The images start now (the model is loaded): rates and ETAs count from here."""
+        """The images start now (the model is loaded): rates and ETAs count from here; a terminal's bar
+        appears."""
         self.started = self._said_at = time.monotonic()
+        if self._terminal:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=self.total, unit="img", file=self.stream, dynamic_ncols=True, smoothing=0.1
+            )
 
     def note(self, text: str) -> None:
         """One line on a terminal, where silence would leave the user wondering (``loading the model…``);
         a log gets the progress lines alone (a refusal stays one line there)."""
-        if self._bar is not None:
-            self._bar.write(text, file=self.stream)
+        if self._terminal:
+            print(text, file=self.stream, flush=True)
 
     def count_in_background(self, count: Callable[[], int | None]) -> None:
         """Learn the total from ``count`` (a walk of the inputs) in a thread, while the run goes on."""
@@ -62,9 +68,10 @@ class Progress:
         by shards where the images themselves are not counted (shards by URL, streams)."""
         self.shards_total = total or None
 
-    def shard_done(self) -> None:
-        """A shard's samples are all back (or were done before)."""
+    def shard_done(self, before: bool = False) -> None:
+        """A shard's samples are all back, or (``before``) an earlier run finished it."""
         self.shards_done += 1
+        self.shards_before += before
         if self._bar is not None and self.shards_total and not self.total:
             self._bar.set_postfix_str(self._shards(), refresh=False)
 
@@ -72,21 +79,28 @@ class Progress:
         """``12/2,000 shards, ETA 1:02:03``: the shards done and the time the rest take at this pace."""
         elapsed = time.monotonic() - self.started
         left = max(self.shards_total - self.shards_done, 0)
-        eta = timedelta(seconds=round(elapsed / self.shards_done * left)) if self.shards_done else "unknown"
+        now = self.shards_done - self.shards_before  # this run's: its pace
+        eta = timedelta(seconds=round(elapsed / now * left)) if now else "unknown"
         return f"{self.shards_done}/{self.shards_total} shards, ETA {eta}"
 
-    def update(self, images: int) -> None:
-        """``images`` more are done (answered, failed or found done)."""
+    def update(self, images: int, before: bool = False) -> None:
+        """``images`` more are done: answered or failed, or (``before``) found done by an earlier run,
+        which moves the count but not the rate (a resumed run's ETA is the work left at this run's pace)."""
         self.done += images
+        self.done_before += images if before else 0
         if self._bar is not None:
-            self._bar.update(images)
+            if before:  # counted, but no part of tqdm's rate: it rates what moved since it last drew
+                self._bar.n += images
+                self._bar.last_print_n += images
+            else:
+                self._bar.update(images)
         elif self.enabled and time.monotonic() - self._said_at >= self.every_s:
             self._said_at = time.monotonic()
             print(f"florence: {self.line()}", file=self.stream, flush=True)
 
     def line(self) -> str:
         """``120/400 images (30%), 31.4 images/s, ETA 0:00:09``, or without a total, the count and rate."""
-        rate = self.done / max(time.monotonic() - self.started, 1e-9)
+        rate = (self.done - self.done_before) / max(time.monotonic() - self.started, 1e-9)
         if not self.total:
             shards = f", {self._shards()}" if self.shards_total else ""
             return f"{counted(self.done, 'image')}, {rate:.1f} images/s{shards}"

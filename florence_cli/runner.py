@@ -26,7 +26,7 @@ from .formats.parquet import require_pyarrow
 from .interrupts import Interrupted, critical, interruptible
 from .jobs import Job, TaskRequest, WorkItem, plan_jobs, requests_identity
 from .journal import ShardProgress, work_key
-from .outdir import OutputFolder, describe_os_error, stops_the_run
+from .outdir import OutputFolder, describe_os_error, refuse_other_settings, stops_the_run
 from .progress import Progress
 from .records import Answer, ImageFailure, ItemResult, counted
 from .shardfiles import ShardFiles
@@ -136,7 +136,11 @@ class Preflight:
 
 
 def preflight(
-    inputs: list[Input], requests: list[TaskRequest], config: RunConfig, engine: Engine
+    inputs: list[Input],
+    requests: list[TaskRequest],
+    config: RunConfig,
+    engine: Engine,
+    note: Callable[[str], None] = lambda text: None,
 ) -> Preflight:
     """Every refusal that needs no image, in this order, each an exception with one line for the user:
 
@@ -145,13 +149,16 @@ def preflight(
     2. ``parquet`` or ``per_shard`` without pyarrow (``ImportError``); a URL input or ``upload`` whose
        scheme's package (fsspec, s3fs …) is missing (``storage.StorageError``);
     3. ``captions.hf_metadata`` without one input folder (``OptionError``);
-    4. the checkpoint, without its weights: found, usable, on a device there is, and holding every text
-       and ``generation.max_new_tokens`` (``engine.check``: ``ModelLoadError``, ``TaskError``);
-    5. the output folder: a folder, writable, not in use, holding answers made with the same settings —
+    4. where the checkpoint is found on this machine (its id needs no torch), the output folder's
+       settings, read only, as 6 checks them: a mismatch is said at once, not after torch's import;
+    5. the checkpoint, without its weights: found, usable, on a device there is, and holding every text
+       and ``generation.max_new_tokens`` (``engine.check``: ``ModelLoadError``, ``TaskError``); ``note``
+       hears that it loads, as this is where a run first takes seconds;
+    6. the output folder: a folder, writable, not in use, holding answers made with the same settings —
        the same model by what it is, however named, and the same dataset: inputs whose names start
        where the folder's do (``discover.name_roots``), so that no name ever stands for two files
        (``OutputError``);
-    6. caption files that two images would share (``CaptionClash``; the inputs are discovered here, once;
+    7. caption files that two images would share (``CaptionClash``; the inputs are discovered here, once;
        paths on standard input are checked as they come).
     """
     config.check()
@@ -163,9 +170,14 @@ def preflight(
         if url:
             filesystem(url)  # a scheme without its package; nothing is asked of the store yet
     root = metadata_folder(inputs) if task and config.captions.hf_metadata else None
+    roots = name_roots(inputs)  # one dataset per output folder
+    if not config.overwrite and (found_here := identify_model(config.model.name)):
+        settings = {**config.settings(), "model_id": found_here, "inputs": roots}
+        refuse_other_settings(config.output, settings, identify_model)
+    note(f"florence: loading {config.model.name}…")
     model_id = engine.check(requests, config.generation.max_new_tokens)
     known = {"model_id": model_id} if model_id else {}
-    known["inputs"] = name_roots(inputs)  # one dataset per output folder
+    known["inputs"] = roots
     folder = OutputFolder(config.output, {**config.settings(), **known}, config.overwrite, identify_model)
     checked = Preflight(folder, ShardProgress(folder.journal, requests_identity(requests)), known)
     if task is None:
@@ -206,10 +218,9 @@ def run(
     Refuses (``preflight``) before any image is read; ``on_error`` hears of each image that fails,
     ``on_notice`` of a products mode other than the one asked for (auto's fallback)."""
     inputs = list(inputs)
-    checked = preflight(inputs, requests, config, engine)
     progress = Progress(config.progress)
+    checked = preflight(inputs, requests, config, engine, progress.note)
     try:
-        progress.note(f"florence: loading {config.model.name}…")
         started = engine.start()
         if started.fallback:  # batch-dependent answers now: the folder must take them
             if on_notice:
@@ -324,9 +335,9 @@ class _Run:
             if isinstance(found, ShardEnd):  # a tar shard's samples are all found (or were done earlier)
                 self.summary.images += found.skipped
                 self.summary.skipped += found.skipped
-                self.progress.update(found.skipped)
+                self.progress.update(found.skipped, before=True)
                 if found.skipped:
-                    self.progress.shard_done()
+                    self.progress.shard_done(before=True)
                 self.shards.ended(found)
                 continue
             if not _takes(self.config.shard, found):
@@ -366,7 +377,7 @@ class _Run:
                 continue
             if not failures:
                 self.summary.skipped += 1
-            self.progress.update(1)  # not sent: done earlier, or failed in planning
+            self.progress.update(1, before=not failures)  # not sent: done earlier, or failed in planning
 
     def _claim_caption(self, image: ImageRef) -> bool:
         """Paths read from standard input were not checked ahead: the second image of a pair that would

@@ -415,6 +415,7 @@ def test_a_terminal_hears_that_the_model_loads_before_the_bar(tmp_path):
     progress = Progress(True, terminal)
     progress.note("florence: loading tiny-model…")
     progress.set_total(4)
+    progress.start()
     progress.update(1)
     progress.close()
     shown = terminal.getvalue()
@@ -433,3 +434,40 @@ def test_progress_counts_images_that_fail_before_they_are_sent(images, tmp_path,
     summary = runner.run([str(images)], requests, config, FakeEngine(failing=("img00.png",)))
     assert (summary.failed, summary.annotated, summary.total) == (2, 3, 5)  # img04.png failed in planning
     assert capsys.readouterr().err.splitlines()[-1].startswith("florence: 5/5 images (100%)")
+
+
+def test_a_resumed_run_rates_and_times_only_its_own_work(monkeypatch):
+    from types import SimpleNamespace
+
+    from florence_cli import progress as progress_module
+
+    clock = [100.0]
+    monkeypatch.setattr(progress_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    progress = progress_module.Progress(True, io.StringIO())
+    progress.set_total(400)
+    progress.start()
+    progress.update(240, before=True)  # done by an earlier run: found in no time
+    progress.update(4)
+    clock[0] += 10.0
+    assert progress.line() == "244/400 images (61%), 0.4 images/s, ETA 0:06:30"
+    progress.set_shards(10)
+    progress.shard_done(before=True)
+    progress.shard_done()
+    assert progress._shards() == "2/10 shards, ETA 0:01:20"
+
+
+def test_a_folder_of_other_settings_is_refused_before_the_checkpoint_is_checked(images, tmp_path, tiny_model):
+    from florence_cli.config import ModelConfig
+    from florence_cli.outdir import SettingsMismatch
+
+    model = ModelConfig(str(tiny_model))
+    identity = runner.identify_model(str(tiny_model))
+    assert _run([images], tmp_path / "out", FakeEngine(model_id=identity), model=model).annotated == 5
+    engine = FakeEngine(model_id=identity)
+    other = replace(RunConfig().generation, num_beams=1)
+    with pytest.raises(SettingsMismatch, match=r"generation\.num_beams: 3 → 1"):
+        _run([images], tmp_path / "out", engine, model=model, generation=other)
+    assert engine.calls == []  # said before the slow checks (torch's import), nothing opened
+    again = FakeEngine(model_id=identity)
+    assert _run([images], tmp_path / "out", again, model=ModelConfig(f"{tiny_model}/")).skipped == 5
+    assert again.calls[0] == "check"
