@@ -23,7 +23,7 @@ from .device_errors import DeviceFailure
 from .discover import Duplicate, ImageRef, Input, InputError, discover, name_roots, printable, shard_inputs
 from .engine import Engine, Started
 from .formats.parquet import require_pyarrow
-from .interrupts import Interrupted, critical, interruptible
+from .interrupts import Interrupted, critical, interruptible, raise_if_lost
 from .jobs import Job, TaskRequest, WorkItem, plan_jobs, requests_identity
 from .journal import ShardProgress, work_key
 from .outdir import OutputFolder, describe_os_error, refuse_other_settings, stops_the_run
@@ -291,6 +291,7 @@ class _Run:
             results = engine.results(self.work(inputs, stdin_lines))
             try:
                 for batch in results:
+                    raise_if_lost()
                     with critical():
                         self.write(batch)
             except Interrupted as exc:

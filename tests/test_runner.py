@@ -9,6 +9,7 @@ import io
 import json
 import os
 import signal
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -189,6 +190,22 @@ def test_preflight_refuses_two_images_sharing_a_caption_file_before_the_model(im
     with pytest.raises(CaptionClash, match="would share the caption file"):
         _run([images], tmp_path / "out", engine, tasks=("CAPTION",), captions=CaptionOptions(sidecar=True))
     assert engine.calls == ["check"] and engine.sent == []
+
+
+def test_a_ctrl_c_swallowed_where_it_landed_still_stops_the_run(images, tmp_path):
+    from florence_cli.interrupts import Interrupted
+
+    def swallowed(number: int) -> None:  # as Python swallows an exception raised in a __del__
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # (the handler runs at the next instruction, or ends this sleep at once)
+        except Interrupted:
+            pass
+
+    engine = FakeEngine(on_batch=swallowed, batch_size=2)
+    summary = _run([images], tmp_path / "out", engine, tasks=("OD",))
+    assert (summary.exit_code, summary.annotated) == (130, 2)  # stopped at the next batch, not at the end
+    assert engine.sent == ["img00.png", "img01.png", "img02.png", "img03.png"]
 
 
 def test_ctrl_c_stops_with_the_files_agreeing_with_the_journal(images, tmp_path):
