@@ -237,7 +237,8 @@ def run(
     elif "-" not in inputs:  # paths on standard input cannot be counted ahead
         shards = shard_inputs(inputs)
         progress.set_shards(len(shards))
-        if not any(is_url(shard) for shard in shards):  # (a URL's or a stream's: read through again)
+        # a URL's or a stream's samples are not counted: that would read the shard through again
+        if not any(is_url(shard) or shard.lower().endswith((".gz", ".tgz")) for shard in shards):
             progress.count_in_background(lambda: _images_among(discover(inputs), config.shard))
     progress.start()
     try:
