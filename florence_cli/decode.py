@@ -123,16 +123,18 @@ def decode_stream(
 ) -> Iterator[DecodedImage | DecodeFailure]:
     """Decode ``refs`` in order, with ``workers`` processes (0: in this process).
 
-    At most ``prefetch`` images (default ``2 * CHUNK * workers``: two chunks a process) are in flight,
-    so memory stays flat. A worker that dies (a decoder crash) is replaced; the images it may have held
-    are retried one at a time and the one that kills a worker on its own is reported as a failure.
+    At most ``prefetch`` images (default ``4 * workers``) are in flight, so memory stays flat and a
+    trickle of inputs (paths on standard input) is answered once that many have come; they go to the
+    processes in chunks, two a process in flight (at most ``CHUNK`` images each). A worker that dies (a
+    decoder crash) is replaced; the images it may have held are retried one at a time and the one that
+    kills a worker on its own is reported as a failure.
     """
     if workers <= 0:
         for ref in refs:
             yield _result(ref, decoder(ref.source, spec))
         return
-    pool = _WorkerPool(spec, workers, decoder)
-    window = max(prefetch, 2 * CHUNK * workers)
+    window = max(prefetch, 4 * workers)
+    pool = _WorkerPool(spec, workers, decoder, chunk=max(1, min(CHUNK, window // (2 * workers))))
     try:
         for ref in refs:
             pool.add(ref)
@@ -160,7 +162,7 @@ def unguarded_main_script() -> str | None:
     return None if any("__name__" in test and "__main__" in test for test in tests) else path
 
 
-CHUNK = 4  # images a decode process is sent at a time: a round trip through the pool's queues each
+CHUNK = 4  # the most images a decode process is sent at a time: a round trip through the pool's queues
 
 
 def _decode_chunk(decoder: Decoder, sources: list[str | Member], spec: ResizeSpec) -> list:
@@ -170,8 +172,8 @@ def _decode_chunk(decoder: Decoder, sources: list[str | Member], spec: ResizeSpe
 class _WorkerPool:
     """Decode processes with a queue of in-flight chunks of images, replaced whole if a worker dies."""
 
-    def __init__(self, spec: ResizeSpec, workers: int, decoder: Decoder):
-        self.spec, self.workers, self.decoder = spec, workers, decoder
+    def __init__(self, spec: ResizeSpec, workers: int, decoder: Decoder, chunk: int):
+        self.spec, self.workers, self.decoder, self.chunk = spec, workers, decoder, chunk
         self.context = multiprocessing.get_context("spawn")  # never fork a process holding CUDA/threads
         self.executor = self._executor(workers)
         self.pending: deque[tuple[list[ImageRef], Future]] = deque()
@@ -186,7 +188,7 @@ class _WorkerPool:
     def add(self, ref: ImageRef) -> None:
         self.waiting.append(ref)
         self.in_flight += 1
-        if len(self.waiting) == CHUNK:
+        if len(self.waiting) == self.chunk:
             self._send()
 
     def _send(self) -> None:
