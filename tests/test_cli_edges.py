@@ -456,8 +456,8 @@ def test_a_stopped_run_leaves_files_that_agree_with_the_journal(tiny_model, tmp_
     with open(tmp_path / "stderr", "w+b") as log:
         process = _paths_on_stdin(_command(tiny_model, *args, "-o", str(out)), stderr=log,
                                   start_new_session=True)  # fmt: skip
-        # the decode process holds 4 images in flight: one batch is answered, then the run waits for paths
-        _feed(process, paths[:6])
+        # the decode process holds 8 images in flight: a chunk is answered, then the run waits for paths
+        _feed(process, paths[:10])
         wait_until(lambda: process.poll() is not None or line_count(out / ".florence" / "journal.jsonl") >= 2)
         if stop == "ctrl-c":  # a terminal sends it to every process of the job, decode workers too
             os.killpg(process.pid, signal.SIGINT)
