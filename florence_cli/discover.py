@@ -144,7 +144,7 @@ def _planned_shards(urls: list[str], finished: Finished | None) -> Iterator[tupl
             found = storage.info(url)
         except StorageError:
             continue
-        name = shard_stem(object_name(url))
+        name = _url_shard_name(url)
         done = finished(identity_from(found), name) if finished else None
         if found.get("type") != "directory" and done is None:
             yield url, name, found.get("size")
@@ -312,12 +312,17 @@ def _expand_url(
                 claimed = Path(prefix, relative).as_posix()
                 yield seen.claim(object_url, claimed, object_url, identity=identity_from(details))
     elif is_tar_name(url):
-        yield from _shard(url, shard_stem(object_name(url)) if name is None else name, seen, found)
+        yield from _shard(url, _url_shard_name(url) if name is None else name, seen, found)
     elif not is_image_name(url):
         yield _not_an_image(url)
     else:
         claimed = object_name(url) if name is None else name
         yield seen.claim(url, claimed, url, identity=identity_from(found))
+
+
+def _url_shard_name(url: str) -> str:
+    """A shard by URL's output name: its bucket (or host) and path, less its tar suffix."""
+    return shard_stem(object_name(url))
 
 
 def _storage_reason(exc: StorageError) -> str:

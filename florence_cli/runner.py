@@ -30,8 +30,8 @@ from .outdir import OutputFolder, describe_os_error, refuse_other_settings, stop
 from .progress import Progress
 from .records import Answer, ImageFailure, ItemResult, counted
 from .shardfiles import ShardFiles
-from .storage import StorageError, filesystem, is_pipe, is_url, not_held, upload, use_options
-from .tarshards import ShardEnd
+from .storage import StorageError, filesystem, is_pipe, is_url, not_held, under, upload, use_options
+from .tarshards import ShardEnd, reads_through
 from .tasks import resolve_task
 from .writers import JsonlSink, StdoutClosed
 
@@ -237,8 +237,7 @@ def run(
     elif "-" not in inputs:  # paths on standard input cannot be counted ahead
         shards = shard_inputs(inputs)
         progress.set_shards(len(shards))
-        # a URL's or a stream's samples are not counted: that would read the shard through again
-        if not any(is_url(shard) or shard.lower().endswith((".gz", ".tgz")) for shard in shards):
+        if not any(reads_through(shard) for shard in shards):  # counted as shards, not read twice
             progress.count_in_background(lambda: _images_among(discover(inputs), config.shard))
     progress.start()
     try:
@@ -480,11 +479,7 @@ class _Run:
         went up with its ``per_shard`` files, and are held already)."""
         missing = []
         for task in dict.fromkeys(r.task for r in self.requests if not r.task.writes_coco):
-            folder = self.folder.path / task.slug
-            files = [
-                (str(path), f"{target}/{path.relative_to(self.folder.path).as_posix()}")
-                for path in sorted(folder.rglob("*.txt"))
-            ]
+            files = under(target, self.folder.path, sorted((self.folder.path / task.slug).rglob("*.txt")))
             missing += not_held(files, f"{target}/{task.slug}") if files else []
         return missing
 
@@ -541,9 +536,9 @@ class _Run:
             if self.config.upload:
                 rebuilt = [f"{task.slug}.json" for task, _ in coco] + [f"{t.slug}.parquet" for t in parquet]
                 target = self.config.upload.rstrip("/")
-                files = [
-                    (str(self.folder.path / name), f"{target}/{name}") for name in [*rebuilt, "errors.jsonl"]
-                ]
+                files = under(
+                    target, self.folder.path, [self.folder.path / n for n in [*rebuilt, "errors.jsonl"]]
+                )
                 upload(files + self._text_files_not_held(target))
         except _OutputStopped as exc:
             self.summary.output_error = str(exc)

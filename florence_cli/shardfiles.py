@@ -17,7 +17,7 @@ from .discover import name_order
 from .formats.parquet import shard_file, write_parquet
 from .journal import Journal, latest_in_order
 from .records import Answer
-from .storage import upload
+from .storage import under, upload
 from .tasks import Task
 from .writers import text_path
 
@@ -58,9 +58,4 @@ class ShardFiles:
                     text_path(self.folder, task, r["file"]) for r in ordered if r["task"] == task.name
                 ]
         if self.upload_to:
-            upload(
-                [
-                    (str(path), f"{self.upload_to}/{path.relative_to(self.folder).as_posix()}")
-                    for path in written
-                ]
-            )
+            upload(under(self.upload_to, self.folder, written))

@@ -208,8 +208,11 @@ def read_range(url: str, start: int, size: int) -> bytes:
 
 
 def read_ranges(ranges: list[tuple[str, int, int]]) -> list[bytes | None]:
-    """Each (URL, start, size) of one store read by ranged requests at once (a latency for them all, not
-    one each); None where a request failed (``read_range`` then tries it alone, with retries)."""
+    """Each (URL, start, size) read by ranged requests at once (a latency for them all, not one each);
+    None where a request failed, or for all where they are not of one store (``read_range`` then reads
+    each alone, with retries)."""
+    if len({_scheme(url) for url, _, _ in ranges}) > 1:
+        return [None] * len(ranges)
     fs, _ = filesystem(ranges[0][0])
     paths = [fs._strip_protocol(url) for url, _, _ in ranges]
     try:
@@ -296,6 +299,12 @@ def output_cache(url: str) -> Path:
     (``$XDG_CACHE_HOME/florence-cli/outputs/<bucket>/<path>``), the same for the same URL."""
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache, "florence-cli", "outputs", _scheme(url), object_name(url))
+
+
+def under(target: str, folder: Path, paths: Iterable[Path]) -> list[tuple[str, str]]:
+    """Each local file under ``folder`` with its URL at the same path under ``target``: what ``upload``
+    and ``not_held`` take."""
+    return [(str(path), f"{target.rstrip('/')}/{path.relative_to(folder).as_posix()}") for path in paths]
 
 
 def upload(files: list[tuple[str, str]]) -> None:

@@ -67,6 +67,12 @@ def is_tar_name(path: str) -> bool:
     return is_pipe(path) or path.lower().endswith(TAR_SUFFIXES)
 
 
+def reads_through(path: str) -> bool:
+    """Whether only reading ``path`` through would count its samples: a shard by URL, a ``pipe:`` command
+    or a gzip-compressed one (a local tar's headers are read by seeking, at little cost)."""
+    return is_url(path) or path.lower().endswith((".gz", ".tgz"))
+
+
 def shard_stem(path: str) -> str:
     """A shard's path less its tar suffix (a ``pipe:`` command's: as written)."""
     lower = path.lower()
@@ -308,8 +314,7 @@ def fetch_members(sources: list[str | Member]) -> list[str | Member]:
     """``sources`` with the bytes of their images in shards by URL read at once, carried in their members
     (``read_ranges``): a decode process given several waits on its store once, not once per image."""
     remote = [i for i, s in enumerate(sources) if isinstance(s, Member) and s.data is None and is_url(s.tar)]
-    schemes = {sources[i].tar.split("://", 1)[0] for i in remote}
-    if len(remote) < 2 or len(schemes) > 1:
+    if len(remote) < 2:
         return sources
     fetched = read_ranges([(sources[i].tar, sources[i].offset, sources[i].size) for i in remote])
     sources = list(sources)
