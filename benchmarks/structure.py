@@ -29,7 +29,7 @@ LAYERS = {
     "tasks": 0, "config": 0, "postconfig": 0, "records": 0,
     "discover": 1, "decode": 1, "jobs": 1, "parse": 1, "journal": 1, "writers": 1, "captions": 1, "outdir": 1,
     "checkpoint": 1, "interrupts": 1, "formats": 1, "tarshards": 1, "pathlist": 1, "storage": 1,
-    "shardfiles": 1, "shardlisting": 1,
+    "shardfiles": 1, "shardlisting": 1, "orderedpool": 1,
     "beam": 2, "exact": 2, "invariant": 2, "graphs": 2, "original": 2, "model": 2, "answer": 2,
     "device_errors": 2, "kernel_check": 2,
     "engine": 3, "runner": 3, "progress": 3, "annotate": 3, "ray_engine": 3, "merge": 3, "evaluate": 3,

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import ast
 import io
-import multiprocessing
 import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .discover import ImageRef
-from .interrupts import helper_process_setup
+from .orderedpool import OrderedPool, PoolBroken
 from .storage import is_url, read_all
 from .tarshards import Member, fetch_members, read_member
 
@@ -173,20 +170,14 @@ def _decode_chunk(decoder: Decoder, sources: list[str | Member], spec: ResizeSpe
 
 
 class _WorkerPool:
-    """Decode processes with a queue of in-flight chunks of images, replaced whole if a worker dies."""
+    """Decode processes with a queue of in-flight chunks of images, replaced whole if one dies."""
 
     def __init__(self, spec: ResizeSpec, workers: int, decoder: Decoder, chunk: int):
         self.spec, self.workers, self.decoder, self.chunk = spec, workers, decoder, chunk
-        self.context = multiprocessing.get_context("spawn")  # never fork a process holding CUDA/threads
-        self.executor = self._executor(workers)
-        self.pending: deque[tuple[list[ImageRef], Future]] = deque()
+        self.helpers = OrderedPool(workers)
+        self.pending: deque[list[ImageRef]] = deque()  # chunks sent, oldest first
         self.waiting: list[ImageRef] = []  # the next chunk, not sent yet
         self.in_flight = 0
-
-    def _executor(self, workers: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(
-            max_workers=workers, mp_context=self.context, initializer=helper_process_setup
-        )
 
     def add(self, ref: ImageRef) -> None:
         self.waiting.append(ref)
@@ -195,39 +186,39 @@ class _WorkerPool:
             self._send()
 
     def _send(self) -> None:
-        sources = [ref.source for ref in self.waiting]
-        self.pending.append(
-            (self.waiting, self.executor.submit(_decode_chunk, self.decoder, sources, self.spec))
-        )
+        self.helpers.submit(_decode_chunk, self.decoder, [ref.source for ref in self.waiting], self.spec)
+        self.pending.append(self.waiting)
         self.waiting = []
 
     def emit_oldest(self) -> Iterator[DecodedImage | DecodeFailure]:
         """The oldest chunk's images, decoded or failed, in order."""
         if not self.pending:
             self._send()
-        refs, future = self.pending[0]
         try:
-            outcomes = future.result()
-        except BrokenProcessPool:
-            # Everything in flight went down with the pool: isolate each image in a fresh process.
+            outcomes = self.helpers.result()
+        except PoolBroken:
+            # What was in flight went down with the pool: isolate each image in a fresh process.
             self.close()
             while self.pending:
-                for ref in self.pending.popleft()[0]:
+                for ref in self.pending.popleft():
                     self.in_flight -= 1
                     yield self._isolated(ref)
-            self.executor = self._executor(self.workers)
+            self.helpers = OrderedPool(self.workers)
             return
-        self.pending.popleft()
+        refs = self.pending.popleft()
         self.in_flight -= len(refs)
         for ref, outcome in zip(refs, outcomes, strict=True):
             yield _result(ref, outcome)
 
     def _isolated(self, ref: ImageRef) -> DecodedImage | DecodeFailure:
-        with self._executor(1) as solo:
-            try:
-                return _result(ref, solo.submit(self.decoder, ref.source, self.spec).result())
-            except BrokenProcessPool:
-                return DecodeFailure(ref, "decoder process crashed on this file")
+        solo = OrderedPool(1)
+        try:
+            solo.submit(self.decoder, ref.source, self.spec)
+            return _result(ref, solo.result())
+        except PoolBroken:
+            return DecodeFailure(ref, "decoder process crashed on this file")
+        finally:
+            solo.close()
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.helpers.close()

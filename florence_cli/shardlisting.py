@@ -11,13 +11,11 @@ the shard itself, as it does local and ``pipe:`` shards.
 
 from __future__ import annotations
 
-import multiprocessing
-from collections import OrderedDict
+import contextlib
+from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 
-from .interrupts import helper_process_setup
+from .orderedpool import OrderedPool, PoolBroken
 from .tarshards import Member, ShardError, samples
 
 AHEAD_PER_PROCESS = 4  # shards listed ahead per helper process: enough to hide a store's latency
@@ -43,12 +41,8 @@ class ShardListing:
     def __init__(self, planned: Iterable[tuple[str, str, int | None]], processes: int):
         self.planned = iter(planned)
         self.ahead = AHEAD_PER_PROCESS * processes
-        self.pending: OrderedDict[str, Future] = OrderedDict()
-        self.executor = ProcessPoolExecutor(
-            max_workers=processes,
-            mp_context=multiprocessing.get_context("spawn"),  # never fork a process holding threads
-            initializer=helper_process_setup,
-        )
+        self.pending: deque[str] = deque()  # the URLs sent to be read, in order
+        self.helpers = OrderedPool(processes)
 
     def samples(self, url: str, shard: str, size: int | None) -> Iterator[tuple[str, Member | None]]:
         """``tarshards.samples(url, shard, size)``, from a helper process where one read it ahead."""
@@ -56,12 +50,12 @@ class ShardListing:
         if url not in self.pending:
             yield from samples(url, shard, size)
             return
-        while (earlier := next(iter(self.pending))) != url:  # planned, then not asked for (a duplicate)
-            self.pending.pop(earlier).cancel()
-        future = self.pending.pop(url)
+        while self.pending.popleft() != url:  # planned, then not asked for (a duplicate): its answer goes
+            with contextlib.suppress(PoolBroken):
+                self.helpers.result()
         try:
-            found, stopped = future.result()
-        except BrokenProcessPool:  # a helper died (the machine's memory, say): read it here
+            found, stopped = self.helpers.result()
+        except PoolBroken:  # a helper died (the machine's memory, say): read it here
             found, stopped = read_samples(url, shard, size)
         self._fill()
         yield from found
@@ -69,17 +63,13 @@ class ShardListing:
             raise ShardError(stopped)
 
     def _fill(self) -> None:
-        while len(self.pending) < self.ahead:
+        while len(self.pending) < self.ahead and not self.helpers.broken:
             planned = next(self.planned, None)
             if planned is None:
                 return
-            url = planned[0]
-            if url not in self.pending:
-                try:
-                    self.pending[url] = self.executor.submit(read_samples, *planned)
-                except RuntimeError:  # the pool broke: what is not read ahead is read by discovery
-                    self.planned = iter(())
-                    return
+            if planned[0] not in self.pending:
+                self.helpers.submit(read_samples, *planned)
+                self.pending.append(planned[0])
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.helpers.close()
