@@ -8,12 +8,12 @@ with N. With ``--shards``, the same images also run as WebDataset tar shards (di
 headers, decode workers their members), four runs in all (files, shards, shards, files), and the
 mean throughputs are compared. With ``--s3`` too, the shards are read from a local S3 endpoint (moto's
 server, in a process of its own on 127.0.0.1) against the same shards on local disk (shards, S3, S3,
-shards), and the driver's CPU time per image is compared: the store's reading must not cost the
-driver more than 20 % over local shards, nor its memory grow.
+shards; ``--rounds`` repeats the four), and the driver's CPU time per image is compared: the store's
+reading must not cost the driver more than 20 % over local shards, nor its memory grow.
 
     python benchmarks/memory.py -n 100000
     python benchmarks/memory.py -n 100000 --shards 100
-    python benchmarks/memory.py -n 100000 --shards 10000 --s3      # 10,000 shards of 10
+    python benchmarks/memory.py -n 100000 --shards 10000 --s3 --rounds 2      # 10,000 shards of 10
 """
 
 from __future__ import annotations
@@ -173,6 +173,9 @@ def main() -> None:
     parser.add_argument(
         "--s3", action="store_true", help="with --shards: local shards against the same in S3"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="with --shards: run the four passes this many times"
+    )
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="florence-memory-"))
     folder = make_files(scratch, args.images)
@@ -187,15 +190,15 @@ def main() -> None:
         first, second = runs
         results: dict[str, list[tuple[float, float]]] = {first: [], second: []}
         try:
-            for number, kind in enumerate((first, second, second, first)):
+            for number, kind in enumerate((first, second, second, first) * args.rounds):
                 inputs, storage_options = runs[kind]
                 out = scratch / f"out{number}"
                 results[kind].append(measure(inputs, out, args.images, args.workers, storage_options))
         finally:
             if server:
                 server.kill()
-        rate = {kind: sum(r for r, _ in found) / 2 for kind, found in results.items()}
-        cpu = {kind: sum(c for _, c in found) / 2 for kind, found in results.items()}
+        rate = {kind: sum(r for r, _ in found) / len(found) for kind, found in results.items()}
+        cpu = {kind: sum(c for _, c in found) / len(found) for kind, found in results.items()}
         print(f"mean images/s: {first} {rate[first]:.0f}, {second} {rate[second]:.0f} "
               f"({second} / {first}: {rate[second] / rate[first]:.3f})")  # fmt: skip
         print(f"driver CPU per image: {first} {1e6 * cpu[first]:.0f} us, {second} {1e6 * cpu[second]:.0f} us "

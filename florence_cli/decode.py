@@ -115,27 +115,24 @@ def decode_stream(
     refs: Iterable[ImageRef],
     spec: ResizeSpec,
     workers: int = 0,
-    prefetch: int = 0,
     decoder: Decoder = decode_or_reason,
 ) -> Iterator[DecodedImage | DecodeFailure]:
     """Decode ``refs`` in order, with ``workers`` processes (0: in this process).
 
-    At most ``prefetch`` images (default ``2 * CHUNK * workers``) are in flight, so memory stays flat (a
-    trickle of inputs, paths on standard input, is answered once that many have come); they go to the
-    processes in chunks, two a process in flight (at most ``CHUNK`` images each). A worker that dies (a
-    decoder crash) is replaced; the images it may have held are retried one at a time and the one that
-    kills a worker on its own is reported as a failure.
+    Images go to the processes in chunks (``LOCAL_CHUNK`` or ``STORE_CHUNK`` images), two chunks a
+    process in flight, so memory stays flat (a trickle of inputs, paths on standard input, is answered
+    once that many have come). A worker that dies (a decoder crash) is replaced; the images it may have
+    held are retried one at a time and the one that kills a worker on its own is reported as a failure.
     """
     if workers <= 0:
         for ref in refs:
             yield _result(ref, decoder(ref.source, spec))
         return
-    window = max(prefetch, 2 * CHUNK * workers)
-    pool = _WorkerPool(spec, workers, decoder, chunk=max(1, min(CHUNK, window // (2 * workers))))
+    pool = _WorkerPool(spec, workers, decoder)
     try:
         for ref in refs:
             pool.add(ref)
-            while pool.in_flight >= window:
+            while len(pool.pending) >= 2 * workers:
                 yield from pool.emit_oldest()
         while pool.in_flight:
             yield from pool.emit_oldest()
@@ -159,10 +156,16 @@ def unguarded_main_script() -> str | None:
     return None if any("__name__" in test and "__main__" in test for test in tests) else path
 
 
-# The most images a decode process is sent at a time: a round trip through the pool's queues each. Fewer
-# round trips matter where the source is slow: the driver's CPU per image from S3 over local shards
-# was 1.28 with chunks of 2, 1.19 with chunks of 4 (10,000 shards of 10, docs/scaling.md).
-CHUNK = 4
+# Images sent to a decode process at a time. Every answer wakes the driver, and a driver woken often pays
+# more CPU for the same work: on this machine up to 40 % more where answers come at a store's pace, with no
+# store at all (docs/scaling.md). Images from a store come slowly, so they go 8 at a time; local ones 4 at
+# a time, which answers a trickle of paths on standard input sooner.
+LOCAL_CHUNK, STORE_CHUNK = 4, 8
+
+
+def _chunk_size(ref: ImageRef) -> int:
+    source = ref.source.tar if isinstance(ref.source, Member) else ref.source
+    return STORE_CHUNK if is_url(source) else LOCAL_CHUNK
 
 
 def _decode_chunk(decoder: Decoder, sources: list[str | Member], spec: ResizeSpec) -> list:
@@ -172,8 +175,8 @@ def _decode_chunk(decoder: Decoder, sources: list[str | Member], spec: ResizeSpe
 class _WorkerPool:
     """Decode processes with a queue of in-flight chunks of images, replaced whole if one dies."""
 
-    def __init__(self, spec: ResizeSpec, workers: int, decoder: Decoder, chunk: int):
-        self.spec, self.workers, self.decoder, self.chunk = spec, workers, decoder, chunk
+    def __init__(self, spec: ResizeSpec, workers: int, decoder: Decoder):
+        self.spec, self.workers, self.decoder = spec, workers, decoder
         self.helpers = OrderedPool(workers)
         self.pending: deque[list[ImageRef]] = deque()  # chunks sent, oldest first
         self.waiting: list[ImageRef] = []  # the next chunk, not sent yet
@@ -182,7 +185,7 @@ class _WorkerPool:
     def add(self, ref: ImageRef) -> None:
         self.waiting.append(ref)
         self.in_flight += 1
-        if len(self.waiting) == self.chunk:
+        if len(self.waiting) == _chunk_size(self.waiting[0]):
             self._send()
 
     def _send(self) -> None:

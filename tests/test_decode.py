@@ -91,7 +91,7 @@ def test_worker_pool_keeps_order_over_many_images(tmp_path):
         path = tmp_path / f"{i}.png"
         random_image(i, size=(20 + i, 20)).save(path)
         paths.append(path)
-    results = list(decode_stream((_ref(p) for p in paths), SPEC, workers=2, prefetch=3))
+    results = list(decode_stream((_ref(p) for p in paths), SPEC, workers=2))
     assert [r.ref.name for r in results] == [p.name for p in paths]
     assert [r.width for r in results] == [20 + i for i in range(12)]
 
