@@ -157,8 +157,8 @@ def unguarded_main_script() -> str | None:
 
 
 # Images sent to a decode process at a time. Every answer wakes the driver, and a driver woken often pays
-# more CPU for the same work: on this machine up to 40 % more where answers come at a store's pace, with no
-# store at all (docs/scaling.md). Images from a store come slowly, so they go 8 at a time; local ones 4 at
+# more CPU for the same work: on this machine 43 % more where answers come at a store's pace, with no store
+# at all (docs/scaling.md). Images from a store come slowly, so they go 8 at a time; local ones 4 at
 # a time, which answers a trickle of paths on standard input sooner.
 LOCAL_CHUNK, STORE_CHUNK = 4, 8
 

@@ -74,7 +74,7 @@ class OutputFolder:
             self._open(settings, overwrite, identify)
         except OSError as exc:
             self.close()
-            raise OutputError(f"cannot write to {self.path}: {describe_os_error(exc)}") from None
+            raise self._cannot_write(exc) from None
         except OutputError:
             self.close()
             raise
@@ -99,7 +99,10 @@ class OutputFolder:
         try:
             _check_settings(self.state / "settings.json", settings, bool(self.journal.done), None)
         except OSError as exc:
-            raise OutputError(f"cannot write to {self.path}: {describe_os_error(exc)}") from None
+            raise self._cannot_write(exc) from None
+
+    def _cannot_write(self, exc: OSError) -> OutputError:
+        return OutputError(f"cannot write to {self.path}: {describe_os_error(exc)}")
 
     def text_path(self, task: Task, name: str) -> Path:
         return text_path(self.path, task, name)
