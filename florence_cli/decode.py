@@ -134,7 +134,7 @@ def decode_stream(
             pool.add(ref)
             while len(pool.pending) >= 2 * workers:
                 yield from pool.emit_oldest()
-        while pool.in_flight:
+        while pool.pending or pool.waiting:
             yield from pool.emit_oldest()
     finally:
         pool.close()
@@ -180,11 +180,9 @@ class _WorkerPool:
         self.helpers = OrderedPool(workers)
         self.pending: deque[list[ImageRef]] = deque()  # chunks sent, oldest first
         self.waiting: list[ImageRef] = []  # the next chunk, not sent yet
-        self.in_flight = 0
 
     def add(self, ref: ImageRef) -> None:
         self.waiting.append(ref)
-        self.in_flight += 1
         if len(self.waiting) == _chunk_size(self.waiting[0]):
             self._send()
 
@@ -204,12 +202,10 @@ class _WorkerPool:
             self.close()
             while self.pending:
                 for ref in self.pending.popleft():
-                    self.in_flight -= 1
                     yield self._isolated(ref)
             self.helpers = OrderedPool(self.workers)
             return
         refs = self.pending.popleft()
-        self.in_flight -= len(refs)
         for ref, outcome in zip(refs, outcomes, strict=True):
             yield _result(ref, outcome)
 

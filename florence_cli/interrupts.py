@@ -7,10 +7,8 @@ raised when the section ends, so an interruption never leaves a file that disagr
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -79,18 +77,3 @@ def critical() -> Iterator[None]:
     if not _STATE.depth and _STATE.pending is not None:
         signum, _STATE.pending = _STATE.pending, None
         raise Interrupted(signum)
-
-
-def helper_process_setup() -> None:
-    """In each helper process (decoding images, reading shards ahead): Ctrl-C is the parent's to handle
-    (a terminal sends it to every process of the job), and the process ends with its parent, even one
-    killed with SIGKILL (nothing else would end it: it waits on a queue that it holds open itself)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

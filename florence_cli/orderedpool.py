@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import queue
+import signal
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
-
-from .interrupts import helper_process_setup
 
 
 class PoolBroken(Exception):
@@ -90,7 +91,7 @@ class OrderedPool:
 
 def _serve(calls: Connection, answers: Connection) -> None:
     """A helper process: answer calls in the order they come until the caller closes its end."""
-    helper_process_setup()
+    _follow_the_caller()
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     # Calls are taken off the pipe by a thread of their own: a caller blocked writing a call (a stream's
     # image bytes fill a pipe) while this process is blocked writing an answer that the caller has not
@@ -108,6 +109,21 @@ def _serve(calls: Connection, answers: Connection) -> None:
             return
         except Exception as exc:  # an answer that does not pickle: its reason is the answer
             answers.send((False, RuntimeError(f"a helper process's answer did not pickle: {exc}")))
+
+
+def _follow_the_caller() -> None:
+    """Ctrl-C is the caller's to handle (a terminal sends it to every process of the job), and the process
+    ends with its caller, even one killed with SIGKILL: its pipes then close, but a call under way (a
+    store that does not answer) would hold the process on without this watch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    caller = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == caller:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="caller-watch", daemon=True).start()
 
 
 def _receive(calls: Connection, inbox: queue.SimpleQueue) -> None:
